@@ -1,0 +1,1 @@
+"""The harness: CLI, run configuration, protocol, measurements, results, leaderboards, model loading."""

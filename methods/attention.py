@@ -1,0 +1,200 @@
+"""Attention over a compressed layer store, registered with transformers' ``AttentionInterface``.
+
+For each segment the function computes a partial output and its log-sum-exp, then merges the partials exactly
+(the flash-decoding merge). The plain-torch path dequantizes; on CUDA the Triton kernels in :mod:`kernels` read the
+packed bytes directly (dispatch in :func:`segment_partials`). The same pass produces the statistics policies declare
+(:mod:`methods.stats`), so the main prefill pass stays on SDPA.
+
+The prefill of an empty store runs SDPA over the fresh keys and values (full precision, like KIVI and kvpress), then
+hands them to the method, which compresses them before the next layer runs: peak memory never holds the full
+uncompressed cache of all layers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference as ref
+from methods.formats import head_offsets
+from methods.stats import Needs, PrefillStats, StepStats
+
+ATTN_NAME = "kvcompress"
+ACTIVE_LAYER: contextvars.ContextVar = contextvars.ContextVar("kvcompress_active_layer", default=None)
+COLSUM_CHUNK = 512
+
+
+def pad_by_head(x: torch.Tensor, counts: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head-grouped rows ``[n, ...]`` -> ``[H, max_count, ...]`` and a validity mask (None when not ragged)."""
+    h = len(counts)
+    m = max(counts) if counts else 0
+    if all(c == m for c in counts):
+        return x.reshape(h, m, *x.shape[1:]), None
+    out = x.new_zeros((h, m, *x.shape[1:]))
+    valid = torch.zeros(h, m, dtype=torch.bool, device=x.device)
+    off = head_offsets(counts)
+    for i, c in enumerate(counts):
+        out[i, :c] = x[off[i]:off[i + 1]]
+        valid[i, :c] = True
+    return out, valid
+
+
+def unpad_by_head(x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pad_by_head` for ``[H, max_count, ...]``."""
+    return torch.cat([x[i, :c] for i, c in enumerate(counts)]) if counts else x.reshape(0)
+
+
+def _reduce_rows(p: torch.Tensor, g: int, lq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``p [H_kv, g*lq, N]`` -> (sum, max, last) over the group's heads and queries, each ``[H_kv, N]``."""
+    p4 = p.reshape(p.shape[0], g, lq, p.shape[-1])
+    return p4.sum((1, 2)), p4.amax((1, 2)), p4[:, :, -1].sum(1)
+
+
+def segment_partials(q: torch.Tensor, segments, scale: float):
+    """Reference partial attention of grouped queries ``q [H_kv, M, d]`` over each segment.
+
+    Returns a list of ``(out, lse, scores, counts)`` with padded per-head scores ``[H_kv, M, n_max]``.
+    """
+    parts = []
+    for seg in segments:
+        counts = seg.counts
+        k, v = seg.dequant()
+        kp, valid = pad_by_head(k, counts)
+        vp, _ = pad_by_head(v, counts)
+        mask = None if valid is None else valid.unsqueeze(1)
+        out, lse, s = ref.partial_attention(q, kp, vp, scale, mask)
+        parts.append((out, lse, s, counts))
+    return parts
+
+
+def prefill_stats(q: torch.Tensor, k: torch.Tensor, scale: float, needs: Needs) -> PrefillStats:
+    """Statistics of a causal prefill. ``q [H_q, T, d]``, ``k [H_kv, T, d]``."""
+    hq, T, d = q.shape
+    hk = k.shape[0]
+    g = hq // hk
+    qg = q.float().reshape(hk, g, T, d)
+    kf = k.float()
+    stats = PrefillStats()
+    if needs.last_n:
+        n = min(needs.last_n, T)
+        s = torch.einsum("hgnd,htd->hgnt", qg[:, :, T - n:], kf) * scale
+        qpos = torch.arange(T - n, T, device=q.device)
+        causal = torch.arange(T, device=q.device)[None, :] <= qpos[:, None]
+        stats.last_n = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+    if needs.colsum:
+        acc = torch.zeros(hk, T, device=q.device)
+        for start in range(0, T, COLSUM_CHUNK):
+            stop = min(T, start + COLSUM_CHUNK)
+            s = torch.einsum("hgnd,htd->hgnt", qg[:, :, start:stop], kf[:, :stop]) * scale
+            causal = torch.arange(stop, device=q.device)[None, :] <= torch.arange(start, stop, device=q.device)[:, None]
+            p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+            acc[:, :stop] += p.sum((1, 2))
+        stats.colsum = acc
+    if needs.qnorm:
+        stats.qnorm2 = q.float().pow(2).sum(-1)
+    return stats
+
+
+class LayerAttention:
+    """The per-layer compute: attend over the store, gather statistics, hand new rows to the method."""
+
+    def __init__(self, store, method):
+        self.store = store
+        self.method = method
+        self.needs = method.needs()
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        if query.shape[0] != 1:
+            raise NotImplementedError("the compressed cache runs one sequence at a time (batch size 1)")
+        q, k, v = query[0], key[0], value[0]
+        store = self.store
+        if not store.segments:
+            out = self._prefill(q, k, v, scale)
+        else:
+            out = self._step(q, k, v, scale)
+        self.method.check_budget(store)
+        return out.unsqueeze(0).transpose(1, 2).to(query.dtype)  # [1, Lq, H_q, d]
+
+    def _prefill(self, q, k, v, scale):
+        hq, T, d = q.shape
+        hk = k.shape[0]
+        out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
+                                             scale=scale, enable_gqa=hq != hk)[0]
+        stats = prefill_stats(q, k, scale, self.needs)
+        pos = torch.arange(self.store.seen, self.store.seen + T, device=q.device)
+        self.store.append(k.to(self.store.info.dtype), v.to(self.store.info.dtype), pos)
+        self.method.on_prefill(self.store, stats)
+        return out
+
+    def _step(self, q, k, v, scale):
+        hq, lq, d = q.shape
+        hk = k.shape[0]
+        g = hq // hk
+        qg = q.reshape(hk, g * lq, d)
+        store = self.store
+        parts = segment_partials(qg, store.segments, scale)
+        # the new tokens attend to each other causally (query i sees new keys j <= i)
+        causal = (torch.arange(lq, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None])
+        fmask = causal.unsqueeze(0).expand(g, lq, lq).reshape(1, g * lq, lq)
+        f_out, f_lse, f_s = ref.partial_attention(qg, k, v, scale, fmask)
+        out, lse = ref.merge_partials([p[0] for p in parts] + [f_out], [p[1] for p in parts] + [f_lse])
+        stats = None
+        if self.needs.step:
+            stats = StepStats([], [], [], lq)
+            for _, _, s, counts in parts:
+                red = _reduce_rows(torch.exp(s - lse.unsqueeze(-1)), g, lq)
+                for lst, r in zip((stats.sum, stats.max, stats.last), red):
+                    lst.append(unpad_by_head(r, counts))
+            fresh = _reduce_rows(torch.exp(f_s - lse.unsqueeze(-1)), g, lq)
+        n_before = len(store.segments)
+        counts_before = store.segments[-1].counts
+        pos = torch.arange(store.seen, store.seen + lq, device=q.device)
+        store.append(k.to(store.info.dtype), v.to(store.info.dtype), pos)
+        if stats is not None:
+            from methods.formats import head_cat
+
+            for lst, r in zip((stats.sum, stats.max, stats.last), fresh):
+                if len(store.segments) > n_before:
+                    lst.append(r.reshape(-1))
+                else:
+                    lst[-1] = head_cat(lst[-1], counts_before, r.reshape(-1), (lq,) * hk)
+        self.method.on_append(store, stats)
+        return out.reshape(hq, lq, d)
+
+
+def compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``AttentionInterface`` entry point: attention over the active compressed layer (see :mod:`methods.cache`)."""
+    layer = ACTIVE_LAYER.get()
+    if layer is None:
+        raise RuntimeError(f"attn_implementation '{ATTN_NAME}' needs a CompressedCache as past_key_values")
+    ACTIVE_LAYER.set(None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return layer.compute(query, key, value, scale), None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> str:
+    """Register the attention function (and a no-op mask builder) under :data:`ATTN_NAME`; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, compressed_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    return ATTN_NAME
+
+
+BACKENDS = ("auto", "reference", "triton")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Kernel backend for attention over segments: ``auto`` (Triton on CUDA, reference elsewhere), or forced."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose from: {', '.join(BACKENDS)}")
+    _backend = name

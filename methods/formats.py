@@ -1,0 +1,284 @@
+"""Storage formats of one tensor (K or V) for a set of cached tokens: real, packed tensors.
+
+A *part* holds rows (tokens) of one KV tensor in one format, grouped by KV head: the first ``counts[0]`` rows belong
+to head 0, the next ``counts[1]`` to head 1, and so on. Ragged per-head counts are first-class. ``nbytes()`` is the
+sum of the part's real tensors; it is what the memory columns report.
+
+Formats
+-------
+Dense        rows in the cache dtype.
+TokenQuant   per-token groups of channels (values; KIVI and QAQ): one (scale, zero) per ``group`` channels of a row,
+             codes packed along channels; optional sparse outliers (flat int32 index + value in the cache dtype).
+ChannelQuant per-channel groups of tokens (KIVI keys): blocks of ``group`` tokens of one head, one (scale, zero) per
+             channel and block, codes packed along the tokens of the block.
+Every quantized format dequantizes as ``code * scale + zero``; a quantizer with another grid (QAQ's mean-centred
+one) maps its grid onto that affine form when it packs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference as ref
+
+
+def head_offsets(counts: tuple[int, ...]) -> list[int]:
+    """Exclusive prefix sums: ``[0, c0, c0+c1, ...]``."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
+
+
+def head_cat_positions(ca: tuple[int, ...], cb: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """New row positions of ``a``'s rows and ``b``'s rows when ``b`` is appended after ``a`` head by head."""
+    ca_t = torch.tensor(ca, dtype=torch.int64)
+    cb_t = torch.tensor(cb, dtype=torch.int64)
+    start = torch.cumsum(ca_t + cb_t, 0) - (ca_t + cb_t)
+    a_start = torch.repeat_interleave(start, ca_t)
+    a_local = torch.arange(int(ca_t.sum())) - torch.repeat_interleave(torch.cumsum(ca_t, 0) - ca_t, ca_t)
+    b_start = torch.repeat_interleave(start + ca_t, cb_t)
+    b_local = torch.arange(int(cb_t.sum())) - torch.repeat_interleave(torch.cumsum(cb_t, 0) - cb_t, cb_t)
+    return (a_start + a_local).to(device), (b_start + b_local).to(device)
+
+
+def head_cat(a: torch.Tensor, ca: tuple[int, ...], b: torch.Tensor, cb: tuple[int, ...]) -> torch.Tensor:
+    """Concatenate two head-grouped tensors along dim 0, head by head (``a``'s rows of a head before ``b``'s)."""
+    b = b.to(a.dtype)
+    if not any(cb):
+        return a
+    if not any(ca):
+        return b
+    h = len(ca)
+    if len(set(ca)) == 1 and len(set(cb)) == 1:  # equal counts per head: one strided copy
+        return torch.cat([a.reshape(h, ca[0], *a.shape[1:]), b.reshape(h, cb[0], *b.shape[1:])], 1) \
+            .reshape(a.shape[0] + b.shape[0], *a.shape[1:])
+    pa, pb = head_cat_positions(ca, cb, a.device)
+    out = torch.empty((a.shape[0] + b.shape[0], *a.shape[1:]), dtype=a.dtype, device=a.device)
+    out[pa] = a
+    out[pb] = b
+    return out
+
+
+def counts_of(keep: torch.Tensor, counts: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-head number of True rows of a head-grouped mask."""
+    if not counts:
+        return ()
+    sums = torch.segment_reduce(keep.to(torch.float32), "sum", lengths=torch.tensor(counts, device=keep.device))
+    return tuple(int(x) for x in sums.round().tolist())
+
+
+class Part(ABC):
+    """Rows of one KV tensor in one storage format, grouped by KV head."""
+
+    counts: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
+
+    @abstractmethod
+    def dequant(self) -> torch.Tensor:
+        """Rows as float32 ``[n, d]``."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the real tensors."""
+
+    @abstractmethod
+    def select(self, keep: torch.Tensor) -> Part:
+        """Keep the rows where ``keep`` (bool ``[n]``) is True, in order."""
+
+    @abstractmethod
+    def cat(self, other: Part) -> Part:
+        """Append ``other``'s rows after this part's, head by head (same format and parameters)."""
+
+    @property
+    @abstractmethod
+    def bits(self) -> int:
+        """Code width (16/32 for dense)."""
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}[{self.bits}b]"
+
+
+def _tensor_bytes(*ts: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclass
+class Dense(Part):
+    """Rows kept in the cache dtype."""
+
+    x: torch.Tensor  # [n, d]
+    counts: tuple[int, ...]
+
+    @property
+    def bits(self) -> int:
+        return self.x.element_size() * 8
+
+    def dequant(self) -> torch.Tensor:
+        return self.x.float()
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.x)
+
+    def select(self, keep: torch.Tensor) -> Dense:
+        return Dense(self.x[keep], counts_of(keep, self.counts))
+
+    def cat(self, other: Part) -> Dense:
+        x = other.x if isinstance(other, Dense) else other.dequant()
+        return Dense(head_cat(self.x, self.counts, x, other.counts), _add(self.counts, other.counts))
+
+
+def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b))
+
+
+@dataclass
+class TokenQuant(Part):
+    """Per-token groups of ``group`` channels, ``nbits``-bit codes packed along channels, optional sparse outliers.
+
+    ``nbits == 0`` stores no codes: every element of a group dequantizes to its ``zero`` (QAQ's 0-bit case).
+    Outliers are stored exactly: ``out_idx`` is the flat index ``row * d + channel`` (int32), ``out_val`` the value.
+    """
+
+    words: torch.Tensor  # [n, W] int32
+    scale: torch.Tensor  # [n, d // group] (empty second axis when nbits == 0)
+    zero: torch.Tensor  # [n, d // group]
+    nbits: int
+    group: int
+    d: int
+    counts: tuple[int, ...]
+    out_idx: torch.Tensor | None = None  # [m] int32
+    out_val: torch.Tensor | None = None  # [m]
+
+    @property
+    def bits(self) -> int:
+        return self.nbits
+
+    def dequant(self) -> torch.Tensor:
+        n = self.words.shape[0]
+        if self.nbits == 0:
+            x = self.zero.float().repeat_interleave(self.group, dim=-1)
+        else:
+            codes = ref.unpack(self.words, self.nbits, self.d)
+            x = ref.affine_dequantize(codes, self.scale, self.zero, self.group)
+        if self.out_idx is not None and self.out_idx.numel():
+            x = x.reshape(-1)
+            x[self.out_idx.long()] = self.out_val.float()
+            x = x.reshape(n, self.d)
+        return x
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.words, self.scale if self.nbits else None, self.zero, self.out_idx, self.out_val)
+
+    def n_outliers(self) -> int:
+        return 0 if self.out_idx is None else self.out_idx.numel()
+
+    def _outliers_select(self, keep: torch.Tensor):
+        if self.out_idx is None:
+            return None, None
+        new_row = torch.cumsum(keep.long(), 0) - 1
+        rows = self.out_idx.long() // self.d
+        cols = self.out_idx.long() % self.d
+        m = keep[rows]
+        idx = (new_row[rows[m]] * self.d + cols[m]).to(torch.int32)
+        return idx, self.out_val[m]
+
+    def select(self, keep: torch.Tensor) -> TokenQuant:
+        idx, val = self._outliers_select(keep)
+        return TokenQuant(self.words[keep], self.scale[keep], self.zero[keep], self.nbits, self.group, self.d,
+                          counts_of(keep, self.counts), idx, val)
+
+    def cat(self, other: Part) -> TokenQuant:
+        assert isinstance(other, TokenQuant) and other.nbits == self.nbits and other.group == self.group
+        pa, pb = head_cat_positions(self.counts, other.counts, self.words.device)
+        idx = val = None
+        if self.out_idx is not None or other.out_idx is not None:
+            parts_i, parts_v = [], []
+            for part, pos in ((self, pa), (other, pb)):
+                if part.out_idx is not None:
+                    rows = part.out_idx.long() // self.d
+                    parts_i.append((pos[rows] * self.d + part.out_idx.long() % self.d).to(torch.int32))
+                    parts_v.append(part.out_val)
+            idx, val = torch.cat(parts_i), torch.cat(parts_v)
+        return TokenQuant(head_cat(self.words, self.counts, other.words, other.counts),
+                          head_cat(self.scale, self.counts, other.scale, other.counts),
+                          head_cat(self.zero, self.counts, other.zero, other.counts),
+                          self.nbits, self.group, self.d, _add(self.counts, other.counts), idx, val)
+
+
+@dataclass
+class ChannelQuant(Part):
+    """Per-channel groups of ``group`` tokens (KIVI keys): blocks of ``group`` consecutive tokens of one head.
+
+    ``words[b, c]`` packs the codes of channel ``c`` for the block's tokens; ``scale/zero[b, c]`` are that channel's
+    parameters in that block. ``counts`` are rows (tokens) per head, each a multiple of ``group``.
+    """
+
+    words: torch.Tensor  # [nb, d, W] int32
+    scale: torch.Tensor  # [nb, d]
+    zero: torch.Tensor  # [nb, d]
+    nbits: int
+    group: int
+    counts: tuple[int, ...]
+
+    @property
+    def bits(self) -> int:
+        return self.nbits
+
+    def dequant(self) -> torch.Tensor:
+        nb, d, _ = self.words.shape
+        codes = ref.unpack(self.words, self.nbits, self.group)  # [nb, d, G]
+        x = codes.float() * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
+        return x.transpose(1, 2).reshape(nb * self.group, d)
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.words, self.scale, self.zero)
+
+    def _block_counts(self) -> tuple[int, ...]:
+        return tuple(c // self.group for c in self.counts)
+
+    def select(self, keep: torch.Tensor) -> ChannelQuant:
+        blocks = keep.reshape(-1, self.group)
+        whole = blocks.all(-1)
+        if not torch.equal(whole, blocks.any(-1)):
+            raise NotImplementedError(
+                "per-channel key blocks cannot lose single tokens; evict before quantizing (prefill-time eviction) "
+                "or use a per-token quantizer")
+        return ChannelQuant(self.words[whole], self.scale[whole], self.zero[whole], self.nbits, self.group,
+                            tuple(c * self.group for c in counts_of(whole, self._block_counts())))
+
+    def cat(self, other: Part) -> ChannelQuant:
+        assert isinstance(other, ChannelQuant) and other.nbits == self.nbits and other.group == self.group
+        ca, cb = self._block_counts(), other._block_counts()
+        return ChannelQuant(head_cat(self.words, ca, other.words, cb), head_cat(self.scale, ca, other.scale, cb),
+                            head_cat(self.zero, ca, other.zero, cb), self.nbits, self.group,
+                            _add(self.counts, other.counts))
+
+
+def quantize_tokens(x: torch.Tensor, counts: tuple[int, ...], bits: int, group: int, dtype: torch.dtype) -> TokenQuant:
+    """Per-token min/max quantization of rows ``x [n, d]`` (KIVI values) into a :class:`TokenQuant`."""
+    codes, scale, zero = ref.minmax_quantize(x, bits, group)
+    return TokenQuant(ref.pack(codes, bits), scale.to(dtype), zero.to(dtype), bits, group, x.shape[-1], counts)
+
+
+def quantize_channels(x: torch.Tensor, counts: tuple[int, ...], bits: int, group: int,
+                      dtype: torch.dtype) -> ChannelQuant:
+    """Per-channel min/max quantization of rows ``x [n, d]`` in blocks of ``group`` tokens (KIVI keys)."""
+    n, d = x.shape
+    if any(c % group for c in counts):
+        raise ValueError(f"per-head token counts {counts} must be multiples of the group size {group}")
+    blocks = x.reshape(n // group, group, d).transpose(1, 2)  # [nb, d, G]
+    codes, scale, zero = ref.minmax_quantize(blocks, bits, group)
+    return ChannelQuant(ref.pack(codes, bits), scale[..., 0].to(dtype), zero[..., 0].to(dtype), bits, group, counts)
+
+
+def first_rows_mask(counts: tuple[int, ...], n_first: tuple[int, ...], device) -> torch.Tensor:
+    """Head-grouped mask selecting the first ``n_first[h]`` rows of every head ``h``."""
+    parts = [torch.arange(c, device=device) < f for c, f in zip(counts, n_first)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=device)
