@@ -8,8 +8,8 @@ from pathlib import Path
 
 from harness.errors import UserError
 
-DEFAULT_TASKS = "niah_single_2,niah_multikey_1,vt,qa_1"
-DEFAULT_LENGTHS = "2k"
+DEFAULT_TASKS = "niah_single_1,niah_single_2,niah_multikey_1"
+DEFAULT_LENGTHS = "1k"
 DEFAULT_SAMPLES = 2
 KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
 

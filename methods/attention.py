@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference as ref
-from methods.formats import head_offsets
+from methods.formats import head_cat, head_offsets
 from methods.stats import Needs, PrefillStats, StepStats
 
 ATTN_NAME = "kvcompress"
@@ -53,7 +53,7 @@ def _reduce_rows(p: torch.Tensor, g: int, lq: int) -> tuple[torch.Tensor, torch.
 
 
 def segment_partials(q: torch.Tensor, segments, scale: float):
-    """Reference partial attention of grouped queries ``q [H_kv, M, d]`` over each segment.
+    """Reference partial attention of grouped queries ``q [H_kv, M, d]`` over each segment (dequantizes).
 
     Returns a list of ``(out, lse, scores, counts)`` with padded per-head scores ``[H_kv, M, n_max]``.
     """
@@ -67,6 +67,67 @@ def segment_partials(q: torch.Tensor, segments, scale: float):
         out, lse, s = ref.partial_attention(q, kp, vp, scale, mask)
         parts.append((out, lse, s, counts))
     return parts
+
+
+def _ranges(parts) -> list[list[tuple[int, int]]]:
+    """Per part, per head: the (begin, end) of its rows within the head's rows of the segment."""
+    acc = [0] * len(parts[0].counts)
+    out = []
+    for p in parts:
+        out.append([(a, a + c) for a, c in zip(acc, p.counts)])
+        acc = [a + c for a, c in zip(acc, p.counts)]
+    return out
+
+
+def segment_pairs(seg):
+    """Split a segment into (K part, V part) pairs over aligned row ranges.
+
+    K and V parts may split a head's rows at different points (KIVI: keys leave the residual in blocks, values one
+    by one). Each returned ``(k_part, v_part, k_start, v_start, count)`` covers, per head, the rows where one K part
+    and one V part overlap; starts are row offsets inside each part. Pairs come in row order within every head.
+    """
+    kr, vr = _ranges(seg.k), _ranges(seg.v)
+    pairs = []
+    for kp, kh in zip(seg.k, kr):
+        for vp, vh in zip(seg.v, vr):
+            lo = [max(a[0], b[0]) for a, b in zip(kh, vh)]
+            cnt = [max(0, min(a[1], b[1]) - x) for a, b, x in zip(kh, vh, lo)]
+            if any(cnt):
+                pairs.append((kp, vp, [x - a[0] if c else 0 for x, a, c in zip(lo, kh, cnt)],
+                              [x - b[0] if c else 0 for x, b, c in zip(lo, vh, cnt)], cnt))
+    return pairs
+
+
+def triton_attend(q: torch.Tensor, segments, scale: float, want_scores: bool):
+    """Fused Triton attention over every part-pair of every segment, merged; reads the packed bytes directly.
+
+    Returns ``(out, lse, per_segment)`` where ``per_segment`` lists, per segment, its pairs' ``(scores, counts)``.
+    """
+    from kernels.dispatch import outlier_csr
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    plans, owners = [], []
+    dev = q.device
+    for i, seg in enumerate(segments):
+        for kp, vp, ks, vs, cnt in segment_pairs(seg):
+            ko, vo = head_offsets(kp.counts), head_offsets(vp.counts)
+            kbeg = torch.tensor([o + x for o, x in zip(ko, ks)], dtype=torch.int64, device=dev)
+            vbeg = torch.tensor([o + x for o, x in zip(vo, vs)], dtype=torch.int64, device=dev)
+            plans.append(PairPlan(PartSpec(kp, outlier_csr(kp)), PartSpec(vp, outlier_csr(vp)), kbeg, vbeg,
+                                  torch.tensor(cnt, dtype=torch.int64, device=dev), max(cnt), None))
+            owners.append((i, cnt))
+    out, lse, scores = attend_pairs(q, plans, scale, want_scores)
+    per_segment: list[list] = [[] for _ in segments]
+    for (i, cnt), sc in zip(owners, scores):
+        per_segment[i].append((sc, cnt))
+    return out, lse, per_segment
+
+
+def _pairs_rows(per_pair: list[tuple[torch.Tensor, list[int]]]) -> torch.Tensor:
+    """Per-pair row statistics ``[H, n_max]`` -> one head-grouped vector in segment row order."""
+    heads = len(per_pair[0][1])
+    return torch.cat([r[h, :c[h]] for h in range(heads) for r, c in per_pair])
 
 
 def prefill_stats(q: torch.Tensor, k: torch.Tensor, scale: float, needs: Needs) -> PrefillStats:
@@ -134,27 +195,37 @@ class LayerAttention:
         g = hq // hk
         qg = q.reshape(hk, g * lq, d)
         store = self.store
-        parts = segment_partials(qg, store.segments, scale)
         # the new tokens attend to each other causally (query i sees new keys j <= i)
         causal = (torch.arange(lq, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None])
         fmask = causal.unsqueeze(0).expand(g, lq, lq).reshape(1, g * lq, lq)
         f_out, f_lse, f_s = ref.partial_attention(qg, k, v, scale, fmask)
-        out, lse = ref.merge_partials([p[0] for p in parts] + [f_out], [p[1] for p in parts] + [f_lse])
-        stats = None
-        if self.needs.step:
-            stats = StepStats([], [], [], lq)
-            for _, _, s, counts in parts:
-                red = _reduce_rows(torch.exp(s - lse.unsqueeze(-1)), g, lq)
-                for lst, r in zip((stats.sum, stats.max, stats.last), red):
-                    lst.append(unpad_by_head(r, counts))
+        want = self.needs.step
+        stats = StepStats([], [], [], lq) if want else None
+        if use_triton(q.device):
+            from kernels.dispatch import merge
+
+            c_out, c_lse, per_segment = triton_attend(qg, store.segments, scale, want)
+            out, lse = merge([c_out, f_out], [c_lse, f_lse])
+            if want:
+                for pairs in per_segment:
+                    reds = [(_reduce_rows(torch.exp(sc - lse.unsqueeze(-1)), g, lq), cnt) for sc, cnt in pairs]
+                    for j, lst in enumerate((stats.sum, stats.max, stats.last)):
+                        lst.append(_pairs_rows([(r[j], cnt) for r, cnt in reds]))
+        else:
+            parts = segment_partials(qg, store.segments, scale)
+            out, lse = ref.merge_partials([p[0] for p in parts] + [f_out], [p[1] for p in parts] + [f_lse])
+            if want:
+                for _, _, s, counts in parts:
+                    red = _reduce_rows(torch.exp(s - lse.unsqueeze(-1)), g, lq)
+                    for lst, r in zip((stats.sum, stats.max, stats.last), red):
+                        lst.append(unpad_by_head(r, counts))
+        if want:
             fresh = _reduce_rows(torch.exp(f_s - lse.unsqueeze(-1)), g, lq)
         n_before = len(store.segments)
         counts_before = store.segments[-1].counts
         pos = torch.arange(store.seen, store.seen + lq, device=q.device)
         store.append(k.to(store.info.dtype), v.to(store.info.dtype), pos)
-        if stats is not None:
-            from methods.formats import head_cat
-
+        if want:
             for lst, r in zip((stats.sum, stats.max, stats.last), fresh):
                 if len(store.segments) > n_before:
                     lst.append(r.reshape(-1))
@@ -189,12 +260,27 @@ def register() -> str:
 
 
 BACKENDS = ("auto", "reference", "triton")
-_backend = "auto"
 
 
 def set_backend(name: str) -> None:
     """Kernel backend for attention over segments: ``auto`` (Triton on CUDA, reference elsewhere), or forced."""
-    global _backend
+    from kernels import dispatch
+
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose from: {', '.join(BACKENDS)}")
-    _backend = name
+    dispatch.set_backend(name)
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether attention on ``device`` runs the Triton kernels (needs triton importable)."""
+    from kernels import dispatch
+
+    if not dispatch.use_triton(device):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if dispatch.BACKEND == "triton":
+            raise
+        return False
+    return True

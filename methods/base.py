@@ -40,6 +40,8 @@ class Method:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     kind: ClassVar[str] = ""  # "baseline" | "eviction" | "quantization" | "mixed"
+    per_channel_blocks: ClassVar[bool] = False  # stores tokens in blocks that cannot lose single tokens
+    decode_evicts: ClassVar[bool] = False  # evicts after the prefill too (at every step)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,15 +91,6 @@ class Method:
         """Method-specific record fields computed from the layer stores after the prefill (default none)."""
         return {}
 
-    # -- composition --------------------------------------------------------------------------------------------
-    @property
-    def evicts(self) -> bool:
-        return self.kind == "eviction"
-
-    @property
-    def quantizes(self) -> bool:
-        return self.kind in ("quantization", "mixed")
-
 
 def literal_choices(tp) -> tuple | None:
     if typing.get_origin(tp) is typing.Literal:
@@ -106,7 +99,7 @@ def literal_choices(tp) -> tuple | None:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float) and v.is_integer() and v > 1:
+    if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v).lower() if isinstance(v, bool) else str(v)
 

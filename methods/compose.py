@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from methods.base import Method
-from methods.stats import Needs
+from methods.stats import Needs, StepStats
+
+_STEP = ("_step_sum", "_step_max", "_step_last")
 
 
 @dataclass
 class Composite(Method):
-    """``a+b``: ``a`` (eviction) runs first at every hook, then ``b`` (quantization) packs what is left."""
+    """``a+b``: ``a`` (eviction) runs first at every hook, then ``b`` (quantization) packs what is left.
+
+    Each part keeps its own ``store.state`` namespace. The step statistics follow the rows: they are parked in aux
+    columns while the eviction part selects rows, so the quantization part sees them aligned with what is left.
+    """
 
     parts: list[Method] = field(default_factory=list)
     kind = "mixed"
@@ -38,15 +45,59 @@ class Composite(Method):
             out = out | p.needs()
         return out
 
+    @contextmanager
+    def _state(self, store, i: int):
+        outer = store.state
+        spaces = outer.setdefault("parts", [{} for _ in self.parts])
+        store.state = spaces[i]
+        try:
+            yield
+        finally:
+            store.state = outer
+
     def on_prefill(self, store, stats) -> None:
-        for p in self.parts:
-            p.on_prefill(store, stats)
+        for i, p in enumerate(self.parts):
+            with self._state(store, i):
+                p.on_prefill(store, stats)
 
     def on_append(self, store, stats) -> None:
+        if stats is not None:
+            for seg, *cols in zip(store.segments, stats.sum, stats.max, stats.last):
+                for name, col in zip(_STEP, cols):
+                    seg.aux[name] = col
         for i, p in enumerate(self.parts):
-            # statistics are aligned with the store as it was before the first part changed it
-            p.on_append(store, stats if i == 0 else None)
+            step = None
+            if stats is not None:
+                step = StepStats(*([seg.aux[n] for seg in store.segments] for n in _STEP), stats.n_queries)
+                if i == len(self.parts) - 1:  # the last part may regroup rows: take the columns out first
+                    for seg in store.segments:
+                        for n in _STEP:
+                            seg.aux.pop(n)
+            with self._state(store, i):
+                p.on_append(store, step)
 
     def max_rows(self, store):
-        limits = [m for m in (p.max_rows(store) for p in self.parts) if m is not None]
+        limits = []
+        for i, p in enumerate(self.parts):
+            with self._state(store, i):
+                limits.append(p.max_rows(store))
+        limits = [m for m in limits if m is not None]
         return min(limits) if limits else None
+
+    def check_budget(self, store) -> None:
+        for i, p in enumerate(self.parts):
+            with self._state(store, i):
+                p.check_budget(store)
+
+    def extra_metrics(self, stores) -> dict:
+        out = {}
+        for i, p in enumerate(self.parts):
+            saved = [s.state for s in stores]
+            for s in stores:
+                s.state = s.state.get("parts", [{}] * len(self.parts))[i]
+            try:
+                out.update(p.extra_metrics(stores))
+            finally:
+                for s, st in zip(stores, saved):
+                    s.state = st
+        return out

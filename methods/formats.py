@@ -33,16 +33,21 @@ def head_offsets(counts: tuple[int, ...]) -> list[int]:
     return out
 
 
-def head_cat_positions(ca: tuple[int, ...], cb: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """New row positions of ``a``'s rows and ``b``'s rows when ``b`` is appended after ``a`` head by head."""
-    ca_t = torch.tensor(ca, dtype=torch.int64)
-    cb_t = torch.tensor(cb, dtype=torch.int64)
-    start = torch.cumsum(ca_t + cb_t, 0) - (ca_t + cb_t)
-    a_start = torch.repeat_interleave(start, ca_t)
-    a_local = torch.arange(int(ca_t.sum())) - torch.repeat_interleave(torch.cumsum(ca_t, 0) - ca_t, ca_t)
-    b_start = torch.repeat_interleave(start + ca_t, cb_t)
-    b_local = torch.arange(int(cb_t.sum())) - torch.repeat_interleave(torch.cumsum(cb_t, 0) - cb_t, cb_t)
-    return (a_start + a_local).to(device), (b_start + b_local).to(device)
+def head_cat_shifts(ca: tuple[int, ...], cb: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, how far ``a``'s rows and ``b``'s rows move when ``b`` is appended after ``a`` head by head.
+
+    An ``a`` row of head ``h`` moves past ``b``'s rows of the heads before ``h``; a ``b`` row of head ``h`` moves past
+    ``a``'s rows of heads ``<= h``.
+    """
+    sa = [sum(cb[:h]) for h in range(len(ca))]
+    sb = [sum(ca[:h + 1]) for h in range(len(ca))]
+    return torch.tensor(sa, device=device), torch.tensor(sb, device=device)
+
+
+def row_heads(rows: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """KV-head index of each row index of a head-grouped tensor."""
+    ends = torch.tensor(head_offsets(counts)[1:], device=rows.device)
+    return torch.searchsorted(ends, rows, right=True)
 
 
 def head_cat(a: torch.Tensor, ca: tuple[int, ...], b: torch.Tensor, cb: tuple[int, ...]) -> torch.Tensor:
@@ -56,11 +61,11 @@ def head_cat(a: torch.Tensor, ca: tuple[int, ...], b: torch.Tensor, cb: tuple[in
     if len(set(ca)) == 1 and len(set(cb)) == 1:  # equal counts per head: one strided copy
         return torch.cat([a.reshape(h, ca[0], *a.shape[1:]), b.reshape(h, cb[0], *b.shape[1:])], 1) \
             .reshape(a.shape[0] + b.shape[0], *a.shape[1:])
-    pa, pb = head_cat_positions(ca, cb, a.device)
-    out = torch.empty((a.shape[0] + b.shape[0], *a.shape[1:]), dtype=a.dtype, device=a.device)
-    out[pa] = a
-    out[pb] = b
-    return out
+    oa, ob = head_offsets(ca), head_offsets(cb)
+    pieces = []
+    for i in range(h):
+        pieces += [a[oa[i]:oa[i + 1]], b[ob[i]:ob[i + 1]]]
+    return torch.cat(pieces)
 
 
 def counts_of(keep: torch.Tensor, counts: tuple[int, ...]) -> tuple[int, ...]:
@@ -196,14 +201,15 @@ class TokenQuant(Part):
 
     def cat(self, other: Part) -> TokenQuant:
         assert isinstance(other, TokenQuant) and other.nbits == self.nbits and other.group == self.group
-        pa, pb = head_cat_positions(self.counts, other.counts, self.words.device)
         idx = val = None
         if self.out_idx is not None or other.out_idx is not None:
+            shifts = head_cat_shifts(self.counts, other.counts, self.words.device)
             parts_i, parts_v = [], []
-            for part, pos in ((self, pa), (other, pb)):
+            for part, shift in zip((self, other), shifts):
                 if part.out_idx is not None:
-                    rows = part.out_idx.long() // self.d
-                    parts_i.append((pos[rows] * self.d + part.out_idx.long() % self.d).to(torch.int32))
+                    flat = part.out_idx.long()
+                    moved = shift[row_heads(flat // self.d, part.counts)] * self.d
+                    parts_i.append((flat + moved).to(torch.int32))
                     parts_v.append(part.out_val)
             idx, val = torch.cat(parts_i), torch.cat(parts_v)
         return TokenQuant(head_cat(self.words, self.counts, other.words, other.counts),

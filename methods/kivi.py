@@ -35,6 +35,7 @@ class Kivi(Method):
 
     name = "kivi"
     kind = "quantization"
+    per_channel_blocks = True  # keys live in blocks of G tokens: single tokens cannot be evicted from them
     paper = "Liu et al., ICML 2024, arXiv 2402.02750"
     bits: Literal[1, 2, 3, 4, 8] = field(default=2, metadata={"help": "code width for keys and values"})
     group: int = field(default=32, metadata={"help": "group size G (tokens for keys, channels for values)"})

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from methods.base import SpecError
 from methods.formats import Dense, Part, counts_of, head_cat, head_offsets
 from methods.qaq_quant import DENSE, pack_rows
 
@@ -53,7 +54,7 @@ def row_values_to_groups(v: torch.Tensor, counts: tuple[int, ...], level: str) -
 def check_layer_groups(pos: torch.Tensor, counts: tuple[int, ...]) -> None:
     """A layer-level group needs the same tokens, in the same order, in every KV head."""
     if len(set(counts)) > 1 or not bool((pos.reshape(len(counts), -1) == pos[: counts[0]]).all()):
-        raise NotImplementedError("qaq level=layer needs the same tokens in every KV head (no per-head eviction); "
+        raise SpecError("qaq level=layer needs the same tokens in every KV head (no per-head eviction); "
                                   "use level=head")
 
 

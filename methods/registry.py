@@ -71,10 +71,15 @@ def parse_spec(text: str) -> Method:
     parts = [parse_one(p) for p in text.split("+")]
     if len(parts) == 1:
         return parts[0]
-    if len(parts) != 2 or not parts[0].evicts or not parts[1].quantizes:
+    if len(parts) != 2 or parts[0].kind != "eviction" or parts[1].kind != "quantization":
+        kinds = {k: ", ".join(n for n, c in sorted(REGISTRY.items()) if c.kind == k)
+                 for k in ("eviction", "quantization")}
         raise SpecError(f"cannot compose {text!r}: write eviction+quantization, e.g. snapkv:budget=0.2+kivi:bits=2 "
-                        f"(eviction: {', '.join(n for n, c in sorted(REGISTRY.items()) if c.kind == 'eviction')}; "
-                        f"quantization: {', '.join(n for n, c in sorted(REGISTRY.items()) if c.kind != 'eviction')})")
+                        f"(eviction: {kinds['eviction']}; quantization: {kinds['quantization']})")
+    if parts[0].decode_evicts and parts[1].per_channel_blocks:
+        raise SpecError(f"cannot compose {text!r}: {parts[1].name} keeps keys in per-channel blocks of tokens, which "
+                        f"{parts[0].name} would have to break at every step; use a prefill-only eviction (snapkv, "
+                        f"pyramidkv) or a per-token quantizer (qaq)")
     return Composite(parts=parts)
 
 

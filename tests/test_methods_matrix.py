@@ -15,7 +15,8 @@ import methods
 from methods.registry import REGISTRY
 from tests.tinymodel import run_cache, tiny_llama
 
-COMPOSED = ["snapkv:budget=0.2+kivi:bits=2", "h2o:budget=0.3+qaq", "snapkv:budget=0.5+qaq:level=layer"]
+COMPOSED = ["snapkv:budget=0.2+kivi:bits=2", "h2o:budget=0.3+qaq", "tova:budget=0.5+qaq:level=layer",
+            "pyramidkv:budget=0.3+qaq:mode=fixed"]
 SPECS = sorted(REGISTRY) + [c for c in COMPOSED if all(p.split(":")[0] in REGISTRY for p in c.split("+"))]
 T, DECODE = 300, 6
 
@@ -67,3 +68,15 @@ def test_registered_method_is_documented(name):
     assert "References" in doc or "baseline" in cls.kind, f"{name}: docstring must cite its paper"
     m = methods.parse_spec(name)
     assert methods.parse_spec(m.spec()).spec() == m.spec()  # canonical spec round-trips
+
+
+def test_per_head_eviction_with_layer_level_qaq_is_a_clear_error(model):
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(methods.SpecError, match="same tokens in every KV head"):
+        run_cache(model, methods.parse_spec("snapkv:budget=0.5+qaq:level=layer"), ids)
+
+
+@pytest.mark.parametrize("spec", ["h2o+kivi", "tova+kivi", "random+kivi", "full+kivi", "kivi+h2o", "h2o+snapkv"])
+def test_impossible_compositions_are_rejected_at_parse_time(spec):
+    with pytest.raises(methods.SpecError):
+        methods.parse_spec(spec)

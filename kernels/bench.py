@@ -1,0 +1,262 @@
+"""Decode-attention and quantize benchmarks of the Triton kernels (CUDA only).
+
+    python -m kernels.bench [--contexts 4k,16k,32k,64k,128k] [--batch 8] [--csv out.csv]
+
+Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
+packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
+and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V). Times are
+medians of CUDA-event timings (``triton.testing.do_bench``); bytes are the real tensors read (codes, scales, zeros,
+outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
+The prefill rows compare quantize+pack of one layer's K and V with SDPA causal prefill at the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+
+def _parse_len(s: str) -> int:
+    s = s.strip().lower()
+    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written over the median time)."""
+    from triton.testing import do_bench
+
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def token_part(x: torch.Tensor, counts, bits: int, group: int, outlier_frac: float = 0.0):
+    """A TokenQuant-like namespace from rows ``x`` quantized by the Triton kernel (+ random sparse outliers)."""
+    from kernels import triton_quant as tq
+
+    words, scale, zero = tq.quantize_tokens(x, bits, group)
+    p = SimpleNamespace(words=words, scale=scale, zero=zero, nbits=bits, group=group, d=x.shape[1],
+                        counts=tuple(counts), out_idx=None, out_val=None)
+    if outlier_frac > 0:
+        m = int(outlier_frac * x.numel())
+        idx = torch.randperm(x.numel(), device=x.device)[:m].to(torch.int32)
+        p.out_idx, p.out_val = idx, x.reshape(-1)[idx.long()].clone()
+    return p
+
+
+def channel_part(x: torch.Tensor, counts, bits: int, group: int):
+    from kernels import triton_quant as tq
+
+    words, scale, zero = tq.quantize_channels(x, bits, group)
+    return SimpleNamespace(words=words, scale=scale, zero=zero, nbits=bits, group=group, counts=tuple(counts))
+
+
+def part_bytes(p) -> int:
+    if hasattr(p, "x"):
+        return _nbytes(p.x)
+    return _nbytes(p.words, p.scale if p.nbits else None, p.zero, getattr(p, "out_idx", None),
+                   getattr(p, "out_val", None))
+
+
+def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
+    """Random fp16 K/V ``[B*hkv*T, d]`` and, per method, a list of (k_part, v_part, row_counts) pairs."""
+    torch.manual_seed(seed)
+    H = B * hkv
+    k = torch.randn(H * T, d, device="cuda", dtype=torch.float16)
+    v = torch.randn(H * T, d, device="cuda", dtype=torch.float16)
+    counts = (T,) * H
+    cases = {"triton-fp16": [(SimpleNamespace(x=k, counts=counts), SimpleNamespace(x=v, counts=counts), counts)]}
+    for bits in (4, 2):
+        cases[f"kivi-{bits}bit"] = [(channel_part(k, counts, bits, 32), token_part(v, counts, bits, 32), counts)]
+    pairs, start = [], 0
+    kh, vh = k.view(H, T, d), v.view(H, T, d)
+    for bits, frac in ((2, 0.3), (3, 0.5), (4, 0.2)):
+        n = int(round(frac * T)) if bits != 4 else T - start
+        sub = (n,) * H
+        ks = kh[:, start:start + n].reshape(-1, d)
+        vs = vh[:, start:start + n].reshape(-1, d)
+        pairs.append((token_part(ks, sub, bits, 32, 0.01), token_part(vs, sub, bits, 32, 0.01), sub))
+        start += n
+    cases["qaq-mix-2/3/4bit+1%"] = pairs
+    return {"k": k, "v": v, "cases": cases}
+
+
+def plans_for(pairs, device) -> list:
+    from kernels.dispatch import make_plan
+
+    return [make_plan(kp, vp, [0] * len(c), list(c), device) for kp, vp, c in pairs]
+
+
+def _flash():
+    try:
+        from flash_attn import flash_attn_with_kvcache  # type: ignore
+
+        return flash_attn_with_kvcache
+    except Exception:
+        return None
+
+
+def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> list[dict]:
+    from triton.testing import do_bench
+
+    from kernels.triton_attention import attend_pairs
+
+    g = hq // hkv
+    scale = d ** -0.5
+    data = build_cases(B, hkv, T, d)
+    k, v = data["k"], data["v"]
+    q = torch.randn(B, hq, 1, d, device="cuda", dtype=torch.float16)
+    k4, v4 = k.view(B, hkv, T, d), v.view(B, hkv, T, d)
+    fp16_bytes = _nbytes(k, v, q)
+    rows = []
+
+    def add(method, ms, nbytes):
+        bw = nbytes / (ms * 1e-3)
+        rows.append(dict(context=T, batch=B, method=method, time_us=round(ms * 1e3, 2), bytes=nbytes,
+                         gbps=round(bw / 1e9, 1), frac_copy_bw=round(bw / copy_bw, 3)))
+
+    ms = do_bench(lambda: F.scaled_dot_product_attention(q, k4, v4, scale=scale, enable_gqa=True), warmup=25,
+                  rep=200, return_mode="median")
+    add("sdpa-fp16", ms, fp16_bytes)
+    t_sdpa = ms
+    fl = _flash()
+    if fl is not None:
+        qf, kf, vf = q.transpose(1, 2), k4.transpose(1, 2).contiguous(), v4.transpose(1, 2).contiguous()
+        add("flash-attn-fp16", do_bench(lambda: fl(qf, kf, vf, softmax_scale=scale), return_mode="median"),
+            fp16_bytes)
+        del kf, vf
+    qg = q.view(B, hkv, g, d).reshape(B * hkv, g, d)
+    for name, pairs in data["cases"].items():
+        plans = plans_for(pairs, q.device)
+        nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(q)
+        ms = do_bench(lambda plans=plans: attend_pairs(qg, plans, scale), warmup=25, rep=200, return_mode="median")
+        add(name, ms, nbytes)
+    for r in rows:
+        r["byte_ratio"] = round(fp16_bytes / r["bytes"], 3)
+        r["speedup_vs_sdpa"] = round(t_sdpa / (r["time_us"] * 1e-3), 3)
+        r["speedup_over_byte_ratio"] = round(r["speedup_vs_sdpa"] / r["byte_ratio"], 3)
+    # prefill: quantize+pack of one layer (batch B) vs SDPA causal prefill at batch 1 scaled by B
+    from kernels import triton_quant as tq
+
+    t_q = do_bench(lambda: (tq.quantize_channels(k, 2, 32), tq.quantize_tokens(v, 2, 32)), warmup=10, rep=100,
+                   return_mode="median")
+    qp = torch.randn(1, hq, T, d, device="cuda", dtype=torch.float16)
+    t_p = do_bench(lambda: F.scaled_dot_product_attention(qp, k4[:1], v4[:1], is_causal=True, scale=scale,
+                                                          enable_gqa=True), warmup=1, rep=50, return_mode="median")
+    rows.append(dict(context=T, batch=B, method="prefill: kivi-2bit quantize+pack K,V", time_us=round(t_q * 1e3, 2),
+                     bytes=_nbytes(k, v), gbps=round(_nbytes(k, v) / (t_q * 1e-3) / 1e9, 1),
+                     frac_copy_bw=round(_nbytes(k, v) / (t_q * 1e-3) / copy_bw, 3),
+                     prefill_sdpa_us=round(t_p * B * 1e3, 1), quant_over_prefill=round(t_q / (t_p * B), 4)))
+    return rows
+
+
+COLS = ["context", "batch", "method", "time_us", "bytes", "gbps", "frac_copy_bw", "byte_ratio", "speedup_vs_sdpa",
+        "speedup_over_byte_ratio", "prefill_sdpa_us", "quant_over_prefill"]
+
+
+SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM, BLOCK_O, fast loaders)
+    (32, 2, 2, 32, 16, True), (32, 2, 2, 32, 16, False), (64, 4, 2, 16, 16, False), (16, 1, 2, 64, 16, True),
+    (32, 1, 2, 64, 16, True), (32, 2, 3, 64, 16, False), (16, 2, 2, 64, 16, False), (64, 2, 2, 32, 16, False),
+]
+
+
+def sweep(B: int, hkv: int, hq: int, T: int, d: int, copy_bw: float) -> list[dict]:
+    """Time the packed cases under each launch configuration of :data:`SWEEP` (kernel-level, plans prebuilt)."""
+    from triton.testing import do_bench
+
+    from kernels import triton_attention as ta
+    from kernels import triton_tiles
+
+    data = build_cases(B, hkv, T, d)
+    q = torch.randn(B * hkv, hq // hkv, d, device="cuda", dtype=torch.float16)
+    rows = []
+    for cfg in SWEEP:
+        bn, nw, ns, pps, bo, fast = cfg
+        ta.BLOCK_N, ta.NUM_WARPS, ta.NUM_STAGES, ta.PROGRAMS_PER_SM, ta.BLOCK_O = bn, nw, ns, pps, bo
+        triton_tiles.FAST_PATHS = fast
+        line = [f"BN={bn} w={nw} st={ns} pps={pps} BO={bo} fast={fast}"]
+        for name, pairs in data["cases"].items():
+            plans = plans_for(pairs, q.device)
+            nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs)
+            try:
+                ms = do_bench(lambda plans=plans: ta.attend_pairs(q, plans, d ** -0.5), warmup=10, rep=60,
+                              return_mode="median")
+            except Exception as e:  # a configuration that does not compile (resources)
+                print(f"# {line[0]} {name}: {type(e).__name__}")
+                continue
+            rows.append(dict(config=cfg, method=name, time_us=round(ms * 1e3, 1),
+                             frac_copy_bw=round(nbytes / (ms * 1e-3) / copy_bw, 3)))
+            line.append(f"{name}={ms * 1e3:.0f}us({nbytes / (ms * 1e-3) / copy_bw:.2f})")
+        print("  ".join(line), flush=True)
+    return rows
+
+
+def _apply_best(rows: list[dict]) -> None:
+    """Set the launch configuration with the lowest summed time of the packed cases."""
+    from kernels import triton_attention as ta
+    from kernels import triton_tiles
+
+    tot: dict = {}
+    for r in rows:
+        if r["method"] != "triton-fp16":
+            tot[r["config"]] = tot.get(r["config"], 0.0) + r["time_us"]
+    bn, nw, ns, pps, bo, fast = min(tot, key=tot.get)
+    ta.BLOCK_N, ta.NUM_WARPS, ta.NUM_STAGES, ta.PROGRAMS_PER_SM, ta.BLOCK_O = bn, nw, ns, pps, bo
+    triton_tiles.FAST_PATHS = fast
+    print(f"# best: BLOCK_N={bn} num_warps={nw} num_stages={ns} programs/SM={pps} BLOCK_O={bo} fast={fast}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kernels.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="4k,16k,32k,64k,128k")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--csv", default="kernels-bench.csv")
+    ap.add_argument("--sweep", action="store_true", help="sweep launch configurations at the first context only")
+    ap.add_argument("--then-bench", action="store_true", help="after --sweep, run the benchmark with the best one")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench needs CUDA; nothing to do", file=sys.stderr)
+        return 2
+    copy_bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    if a.sweep:
+        res = sweep(a.batch, a.kv_heads, a.q_heads, _parse_len(a.contexts.split(",")[0]), a.head_dim, copy_bw)
+        if not a.then_bench:
+            return 0
+        _apply_best(res)
+    rows = []
+    for T in [_parse_len(s) for s in a.contexts.split(",")]:
+        try:
+            rows += bench_context(a.batch, a.q_heads, a.kv_heads, T, a.head_dim, copy_bw)
+            torch.cuda.empty_cache()
+        except torch.OutOfMemoryError:
+            print(f"# context {T}: out of memory, skipped")
+            torch.cuda.empty_cache()
+        for r in rows:
+            if r["context"] == T:
+                print("  ".join(f"{r.get(c, '')}" for c in COLS), flush=True)
+    for r in rows:
+        r["copy_gbps"] = round(copy_bw / 1e9, 1)
+    with open(a.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLS + ["copy_gbps"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# wrote {a.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,223 @@
+"""Triton tile loaders shared by the dequantize and attention kernels.
+
+One ``@triton.jit`` helper, :func:`load_tile`, turns ``BLOCK_N`` consecutive rows of a part (Dense, TokenQuant or
+ChannelQuant, chosen by the constexpr ``FMT``) into a float32 ``[BLOCK_N, BLOCK_D]`` tile in registers, reading the
+packed codes, the scales/zeros and the sparse outliers directly. Rows outside ``rmask`` load as zeros (so a masked
+value row never contributes NaN). Two code paths per quantized format:
+
+* ``FAST``: codes per word and the group size are powers of two and the head dim is a power of two; words are loaded
+  once per tile (vectorised) and expanded with a broadcast shift and a reshape.
+* general: one gathered word per element (3-bit codes, odd head dims, odd groups); correct everywhere, slower.
+
+Outliers (TokenQuant) are stored sorted by flat index with a per-row pointer (CSR, built once by
+:func:`kernels.dispatch.outlier_csr`); the outliers of a tile are scattered into it with two one-hot matrix products
+(exact: one-hot times a half-precision value is exact in tf32, ``ieee`` is used for float32 caches).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DENSE = 0
+TOKEN = 1
+CHANNEL = 2
+FAST_PATHS = True  # False forces the general (gathered-word) loaders everywhere; for benchmarks and tests
+POISON = False  # tests set this: outputs start as NaN (floats) or 0x5A5A5A5A (ints), so unwritten elements show
+
+
+@triton.jit
+def rint(v):
+    """Round half to even (``torch.round``), exact for the non-negative values the quantizer produces."""
+    r = tl.floor(v)
+    f = v - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    up = (f > 0.5) | ((f == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _scatter_outliers(x, optr, oidx, oval, t0, nrows, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_O: tl.constexpr, IEEE: tl.constexpr):
+    """Replace the elements of tile ``x`` (rows ``t0 .. t0+BLOCK_N``) that have an exact outlier value."""
+    first = tl.maximum(t0, 0)
+    last = tl.minimum(tl.maximum(t0 + BLOCK_N, 0), nrows)
+    o_lo = tl.load(optr + first).to(tl.int64)
+    o_hi = tl.load(optr + tl.maximum(last, first)).to(tl.int64)
+    cols_n = tl.arange(0, BLOCK_N)
+    for o in range(o_lo, o_hi, BLOCK_O):
+        j = o + tl.arange(0, BLOCK_O)
+        jm = j < o_hi
+        idx = tl.load(oidx + j, mask=jm, other=0).to(tl.int64)
+        val = tl.load(oval + j, mask=jm, other=0.0).to(tl.float32)
+        r = idx // D - t0
+        c = idx % D
+        sel = ((r[:, None] == cols_n[None, :]) & jm[:, None]).to(tl.float32)  # [BO, BN]
+        hit = c[:, None] == offs_d[None, :]  # [BO, BD]
+        cv = tl.where(hit, val[:, None], 0.0)
+        cm = hit.to(tl.float32)
+        selt = tl.trans(sel)
+        if IEEE:
+            dv = tl.dot(selt, cv, input_precision="ieee")
+        else:
+            dv = tl.dot(selt, cv, input_precision="tf32")
+        dm = tl.dot(selt, cm, input_precision="tf32")
+        x = tl.where(dm > 0.5, dv, x)
+    return x
+
+
+@triton.jit
+def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dmask,
+              FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, PER: tl.constexpr, WPR: tl.constexpr,
+              FAST: tl.constexpr, HAS_OUT: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Float32 tile of rows ``t0 + arange(BLOCK_N)`` (int64 ``t0``) of one part; see the module docstring.
+
+    ``WPR``: int32 words per row (TokenQuant) or per channel of a block (ChannelQuant); ``PER``: codes per word.
+    ``FAST`` for ChannelQuant also needs ``t0`` to be a multiple of ``PER``.
+    """
+    rows = t0 + tl.arange(0, BLOCK_N)
+    m2 = rmask[:, None] & dmask[None, :]
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if FMT == 0:
+        x = tl.load(data + rows[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+    elif FMT == 1:
+        NG: tl.constexpr = D // GROUP
+        if BITS == 0:
+            x = tl.load(zero + rows[:, None] * NG + (offs_d // GROUP)[None, :], mask=m2, other=0.0).to(tl.float32)
+        elif FAST:
+            w = tl.load(data + rows[:, None] * WPR + tl.arange(0, WPR)[None, :], mask=rmask[:, None], other=0)
+            sh = tl.arange(0, PER) * BITS
+            c = (w[:, :, None] >> sh[None, None, :]) & MASK
+            c = tl.reshape(c, (BLOCK_N, BLOCK_D))
+            g = tl.arange(0, NG)
+            sc = tl.load(scale + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            zr = tl.load(zero + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_D))
+            zr = tl.reshape(tl.broadcast_to(zr[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_D))
+            x = c.to(tl.float32) * sc + zr
+        else:
+            w = tl.load(data + rows[:, None] * WPR + (offs_d // PER)[None, :], mask=m2, other=0)
+            c = (w >> ((offs_d % PER) * BITS)[None, :]) & MASK
+            sc = tl.load(scale + rows[:, None] * NG + (offs_d // GROUP)[None, :], mask=m2, other=0.0)
+            zr = tl.load(zero + rows[:, None] * NG + (offs_d // GROUP)[None, :], mask=m2, other=0.0)
+            x = c.to(tl.float32) * sc.to(tl.float32) + zr.to(tl.float32)
+        if HAS_OUT:
+            x = _scatter_outliers(x, optr, oidx, oval, t0, nrows, offs_d, D, BLOCK_N, BLOCK_O, IEEE)
+    else:
+        if FAST:
+            NW: tl.constexpr = BLOCK_N // PER
+            wrow = t0 + tl.arange(0, NW) * PER
+            wblk = wrow // GROUP
+            tw = (wrow % GROUP) // PER
+            wm = (wrow >= 0) & (wrow < nrows)
+            w = tl.load(data + (wblk[:, None] * D + offs_d[None, :]) * WPR + tw[:, None],
+                        mask=wm[:, None] & dmask[None, :], other=0)
+            sh = tl.arange(0, PER) * BITS
+            c = (w[:, None, :] >> sh[None, :, None]) & MASK
+            c = tl.reshape(c, (BLOCK_N, BLOCK_D)).to(tl.float32)
+            SB: tl.constexpr = BLOCK_N // GROUP if BLOCK_N > GROUP else 1
+            RPB: tl.constexpr = BLOCK_N // SB
+            srow = t0 + tl.arange(0, SB) * RPB
+            sm = ((srow >= 0) & (srow < nrows))[:, None] & dmask[None, :]
+            sp = (srow // GROUP)[:, None] * D + offs_d[None, :]
+            sc = tl.load(scale + sp, mask=sm, other=0.0).to(tl.float32)
+            zr = tl.load(zero + sp, mask=sm, other=0.0).to(tl.float32)
+            sc = tl.reshape(tl.broadcast_to(sc[:, None, :], (SB, RPB, BLOCK_D)), (BLOCK_N, BLOCK_D))
+            zr = tl.reshape(tl.broadcast_to(zr[:, None, :], (SB, RPB, BLOCK_D)), (BLOCK_N, BLOCK_D))
+            x = tl.where(rmask[:, None], c * sc + zr, 0.0)
+        else:
+            blk = rows // GROUP
+            t = rows % GROUP
+            w = tl.load(data + (blk[:, None] * D + offs_d[None, :]) * WPR + (t // PER)[:, None], mask=m2, other=0)
+            c = (w >> ((t % PER) * BITS)[:, None]) & MASK
+            sp = blk[:, None] * D + offs_d[None, :]
+            sc = tl.load(scale + sp, mask=m2, other=0.0).to(tl.float32)
+            zr = tl.load(zero + sp, mask=m2, other=0.0).to(tl.float32)
+            x = c.to(tl.float32) * sc + zr
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: a part described for the kernels (tensors + compile-time facts).
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    """``torch.empty``, or a poisoned tensor when :data:`POISON` is set."""
+    if not POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else 0x5A5A5A5A
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+class PartSpec:
+    """One part prepared for :func:`load_tile`: pointers and constexprs (duck-typed on the part's attributes).
+
+    Parameters
+    ----------
+    part : Dense | TokenQuant | ChannelQuant (or any object with the same attributes)
+    csr : (idx_sorted int32 [m], val_sorted [m], row_ptr int32 [n+1]) or None, for TokenQuant outliers.
+    """
+
+    def __init__(self, part, csr=None):
+        self.part = part
+        dummy = None
+        if hasattr(part, "x"):
+            self.fmt, self.bits, self.group, self.per, self.wpr = DENSE, 16, 1, 1, 1
+            self.data = part.x
+            self.d = part.x.shape[1]
+            self.nrows = part.x.shape[0]
+            dummy = part.x
+            self.scale = self.zero = dummy
+        else:
+            self.bits = int(part.nbits)
+            self.group = int(part.group)
+            self.per = 32 // self.bits if self.bits else 1
+            self.scale, self.zero = part.scale, part.zero
+            dummy = part.zero
+            if part.words.dim() == 3:
+                self.fmt = CHANNEL
+                nb, self.d, self.wpr = part.words.shape
+                self.nrows = nb * self.group
+            else:
+                self.fmt = TOKEN
+                self.d = int(part.d)
+                self.nrows = part.words.shape[0]
+                self.wpr = max(part.words.shape[1], 1)
+            self.data = part.words if part.words.numel() else dummy
+            if self.bits == 0:
+                self.scale = dummy
+        self.has_out = csr is not None and csr[0].numel() > 0
+        if self.has_out:
+            self.oidx, self.oval, self.optr = csr
+        else:
+            self.oidx = self.oval = self.optr = dummy
+        self.ieee = dummy.dtype.itemsize >= 4 if self.fmt == DENSE else self.zero.dtype.itemsize >= 4
+        d_pow2 = _pow2(self.d)
+        if self.fmt == TOKEN:
+            self.fast = self.bits > 0 and d_pow2 and _pow2(self.per) and _pow2(self.group) and self.d % self.per == 0
+        elif self.fmt == CHANNEL:
+            self.fast = d_pow2 and _pow2(self.per) and _pow2(self.group) and self.group % self.per == 0
+        else:
+            self.fast = True
+        self.fast = self.fast and (FAST_PATHS or self.fmt == DENSE)
+
+    def args(self) -> tuple:
+        """Runtime pointer arguments in :func:`load_tile` order."""
+        return self.data, self.scale, self.zero, self.optr, self.oidx, self.oval
+
+    def consts(self, prefix: str = "", fast: bool | None = None) -> dict:
+        """Compile-time arguments (without the ``D``/``BLOCK_*`` ones), names prefixed with ``prefix``."""
+        c = dict(FMT=self.fmt, BITS=self.bits if self.fmt else 0, GROUP=self.group, PER=self.per, WPR=self.wpr,
+                 FAST=self.fast if fast is None else fast, HAS_OUT=self.has_out, IEEE=self.ieee)
+        return {prefix + k: v for k, v in c.items()}

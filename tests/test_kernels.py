@@ -1,0 +1,275 @@
+"""Triton kernels vs the plain-torch / float64 reference, on fresh random inputs.
+
+On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` is set here, before triton
+is imported), on small shapes. With CUDA the same tests compile for the GPU, plus larger GPU-only cases.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from kernels import dispatch, triton_tiles  # noqa: E402
+from kernels import reference as ref  # noqa: E402
+from kernels import triton_quant as tq  # noqa: E402
+from methods.formats import ChannelQuant, Dense, TokenQuant  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA (larger shapes)")
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    triton_tiles.POISON = True
+    yield
+    triton_tiles.POISON = False
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _randn(*shape, g, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any(), "NaN in the kernel output (unwritten or poisoned element)"
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize + pack, unpack, dequantize
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype,d,group,n", [(torch.float16, 64, 32, 37), (torch.float32, 48, 16, 5),
+                                             (torch.bfloat16, 128, 128, 1)])
+def test_quantize_tokens_bit_identical(bits, dtype, d, group, n):
+    g = _gen(bits * 100 + d + n)
+    x = _randn(n, d, g=g, dtype=dtype, scale=3.0)
+    x[0, :group] = 0.5  # a constant group: the zero-range guard
+    words, scale, zero = tq.quantize_tokens(x, bits, group)
+    codes, s_ref, z_ref = (t.to(DEV) for t in ref.minmax_quantize(x.cpu(), bits, group))  # IEEE: see NOTES.md
+    assert torch.equal(words, ref.pack(codes, bits))
+    assert torch.equal(scale, s_ref.to(dtype)) and torch.equal(zero, z_ref.to(dtype))
+    assert torch.equal(tq.unpack(words, bits, d).long(), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype,d,group,nb", [(torch.float16, 64, 32, 3), (torch.float32, 40, 16, 2)])
+def test_quantize_channels_bit_identical(bits, dtype, d, group, nb):
+    g = _gen(bits * 7 + d)
+    x = _randn(nb * group, d, g=g, dtype=dtype, scale=2.0)
+    x[:group, 0] = -1.25
+    words, scale, zero = tq.quantize_channels(x, bits, group)
+    blocks = x.cpu().reshape(nb, group, d).transpose(1, 2)
+    codes, s_ref, z_ref = (t.to(DEV) for t in ref.minmax_quantize(blocks, bits, group))
+    assert torch.equal(words, ref.pack(codes, bits))
+    assert torch.equal(scale, s_ref[..., 0].to(dtype)) and torch.equal(zero, z_ref[..., 0].to(dtype))
+    assert torch.equal(tq.unpack(words, bits, group).long(), codes)
+
+
+def _token_part(n_rows, d, bits, group, dtype, g, counts=None, outliers=0):
+    x = _randn(n_rows, d, g=g, dtype=dtype, scale=2.0)
+    counts = counts or (n_rows,)
+    if bits == 0:
+        _, _, zero = ref.minmax_quantize(x, 1, group)
+        part = TokenQuant(torch.zeros(n_rows, 0, dtype=torch.int32, device=DEV), x.new_zeros(n_rows, 0),
+                          zero.to(dtype), 0, group, d, counts)
+    else:
+        codes, scale, zero = ref.minmax_quantize(x, bits, group)
+        part = TokenQuant(ref.pack(codes, bits), scale.to(dtype), zero.to(dtype), bits, group, d, counts)
+    if outliers:
+        m = min(outliers, n_rows * d)
+        part.out_idx = torch.randperm(n_rows * d, generator=g)[:m].to(torch.int32).to(DEV)
+        part.out_val = _randn(m, g=g, dtype=dtype, scale=8.0)
+    return part
+
+
+def _channel_part(counts, d, bits, group, dtype, g):
+    n = sum(counts)
+    x = _randn(n, d, g=g, dtype=dtype, scale=2.0)
+    blocks = x.reshape(n // group, group, d).transpose(1, 2)
+    codes, scale, zero = ref.minmax_quantize(blocks, bits, group)
+    return ChannelQuant(ref.pack(codes, bits), scale[..., 0].to(dtype), zero[..., 0].to(dtype), bits, group, counts)
+
+
+@pytest.mark.parametrize("bits,outliers,d", [(0, 0, 64), (2, 30, 64), (3, 11, 48), (4, 0, 64), (8, 5, 32)])
+def test_dequant_tokens(bits, outliers, d):
+    g = _gen(bits + 31 * outliers)
+    part = _token_part(45, d, bits, 16, torch.float16, g, outliers=outliers)
+    got = tq.dequant_part(part, dispatch.outlier_csr(part))
+    assert torch.equal(got, dispatch.dequant_reference(part))
+
+
+@pytest.mark.parametrize("bits,group", [(1, 32), (2, 32), (3, 32), (4, 16), (8, 64)])
+def test_dequant_channels(bits, group):
+    g = _gen(bits * group)
+    part = _channel_part((group * 2, group), 64, bits, group, torch.float16, g)
+    assert torch.equal(tq.dequant_part(part), dispatch.dequant_reference(part))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused attention
+
+
+def _ref64(q, k_part, v_part, scale, starts, counts):
+    """Float64 reference over exactly-dequantized rows."""
+    kf, vf = dispatch.dequant_reference(k_part).double(), dispatch.dequant_reference(v_part).double()
+    ko, vo = dispatch._offsets(k_part.counts), dispatch._offsets(v_part.counts)
+    H, M, d = q.shape
+    nmax = max(counts)
+    kp = torch.zeros(H, nmax, d, dtype=torch.float64, device=q.device)
+    vp = torch.zeros_like(kp)
+    valid = torch.zeros(H, 1, nmax, dtype=torch.bool, device=q.device)
+    for h in range(H):
+        c = counts[h]
+        kp[h, :c] = kf[ko[h] + starts[h]:ko[h] + starts[h] + c]
+        vp[h, :c] = vf[vo[h] + starts[h]:vo[h] + starts[h] + c]
+        valid[h, 0, :c] = True
+    s = torch.matmul(q.double(), kp.transpose(-1, -2)) * scale
+    s = s.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0).unsqueeze(-1))
+    return torch.matmul(p, vp), lse, s
+
+
+def _make(fmt, counts, d, bits, group, dtype, g, outliers):
+    n = sum(counts)
+    if fmt == "D":
+        return Dense(_randn(n, d, g=g, dtype=dtype), counts)
+    if fmt == "T":
+        return _token_part(n, d, bits, group, dtype, g, counts, outliers)
+    return _channel_part(counts, d, bits, group, dtype, g)
+
+
+# (K fmt, V fmt, K bits, V bits, dtype, H_kv, M, d, counts, ranges ("all" | list of (start, count)), outliers)
+CASES = [
+    ("D", "D", 0, 0, torch.float32, 2, 4, 64, (70, 33), "all", 0),
+    ("D", "D", 0, 0, torch.float16, 1, 1, 64, (1,), "all", 0),  # one token
+    ("C", "T", 2, 2, torch.float16, 2, 8, 64, (96, 64), [(5, 80), (0, 50)], 0),  # KIVI, mid-block ranges
+    ("C", "T", 4, 4, torch.float32, 2, 4, 64, (64, 128), [(33, 31), (64, 64)], 0),
+    ("C", "T", 1, 8, torch.bfloat16, 1, 16, 64, (128,), [(17, 101)], 0),
+    ("C", "D", 3, 0, torch.float32, 2, 2, 64, (64, 32), [(1, 62), (0, 1)], 0),  # 3-bit: general path
+    ("C", "C", 2, 4, torch.float16, 2, 4, 64, (64, 64), [(3, 40), (32, 32)], 0),
+    ("T", "T", 2, 2, torch.float32, 2, 8, 64, (50, 77), "all", 40),  # QAQ: outliers in K and V
+    ("T", "T", 3, 4, torch.float16, 3, 4, 48, (19, 1, 40), "all", 25),  # odd head dim, 3-bit
+    ("T", "T", 8, 1, torch.bfloat16, 2, 1, 64, (65, 63), "all", 0),
+    ("T", "T", 0, 2, torch.float32, 2, 4, 64, (30, 20), "all", 10),  # 0-bit keys
+    ("T", "D", 4, 0, torch.float16, 2, 8, 128, (100, 3), [(10, 80), (0, 3)], 7),
+    ("D", "T", 0, 4, torch.float32, 2, 4, 64, (40, 41), [(0, 40), (0, 0)], 9),  # one empty head
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}{c[2]}-{c[1]}{c[3]}-{str(c[4])[6:]}-M{c[6]}")
+def test_attention_vs_float64(case):
+    kf, vf, kb, vb, dtype, H, M, d, counts, ranges, outl = case
+    g = _gen(zlib.crc32(str(case).encode()))
+    k_part = _make(kf, counts, d, kb, 32 if kf == "C" else 16, dtype, g, outl)
+    v_part = _make(vf, counts, d, vb, 32 if vf == "C" else 16, dtype, g, outl)
+    if ranges == "all":
+        starts, cnts = [0] * H, list(counts)
+    else:
+        starts, cnts = [r[0] for r in ranges], [r[1] for r in ranges]
+    q = _randn(H, M, d, g=g, dtype=dtype)
+    scale = d ** -0.5
+    o64, l64, s64 = _ref64(q, k_part, v_part, scale, starts, cnts)
+    for backend in ("triton", "reference"):
+        out, lse, s = dispatch.partial_attention_parts(q, k_part, v_part, scale, starts, cnts, True, backend)
+        assert out.shape == (H, M, d) and lse.shape == (H, M) and s.shape == s64.shape
+        assert relerr(out, o64) < TOL[dtype], backend
+        assert torch.equal(torch.isinf(lse), torch.isinf(l64))
+        fin = torch.isfinite(l64)
+        assert float(torch.nn.functional.pad((lse[fin].double() - l64[fin]).abs(), (0, 1)).max()) < 10 * TOL[dtype]
+        sfin = torch.isfinite(s64)
+        assert torch.equal(torch.isinf(s), ~sfin)
+        assert relerr(s[sfin], s64[sfin]) < TOL[dtype]
+    out2, lse2, s2 = dispatch.partial_attention_parts(q, k_part, v_part, scale, starts, cnts, False, "triton")
+    assert s2 is None and relerr(out2, o64) < TOL[dtype]
+
+
+def test_merge_and_stats():
+    g = _gen(5)
+    H, M, d = 2, 8, 64
+    counts_a, counts_b = (40, 70), (33, 5)
+    a = (Dense(_randn(sum(counts_a), d, g=g), counts_a), _token_part(sum(counts_a), d, 4, 32, torch.float32, g,
+                                                                        counts_a, 10))
+    b = (_token_part(sum(counts_b), d, 2, 32, torch.float32, g, counts_b),
+         _token_part(sum(counts_b), d, 2, 32, torch.float32, g, counts_b))
+    q = _randn(H, M, d, g=g)
+    parts = [dispatch.partial_attention_parts(q, k, v, 0.1, [0, 0], list(c), True, "triton")
+             for (k, v), c in ((a, counts_a), (b, counts_b))]
+    out, lse = dispatch.merge([p[0] for p in parts], [p[1] for p in parts], "triton")
+    rout, rlse = ref.merge_partials([p[0] for p in parts], [p[1] for p in parts])
+    assert relerr(out, rout) < 1e-5 and relerr(lse, rlse) < 1e-5
+    # final-probability statistics from the raw scores: the sums over all parts are 1 per query
+    tot = sum(dispatch.reduce_scores(p[2], lse, 4, 2)[0].sum(-1) for p in parts)
+    assert torch.allclose(tot, torch.full_like(tot, M), atol=1e-4)
+
+
+def test_backend_switch():
+    with pytest.raises(ValueError):
+        dispatch.set_backend("fast")
+    dispatch.set_backend("reference")
+    try:
+        assert not dispatch.use_triton(torch.device("cuda"))
+    finally:
+        dispatch.set_backend("auto")
+    assert dispatch.use_triton(torch.device("cuda")) and not dispatch.use_triton(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU-only larger cases: long ranges (many splits), batch-as-heads, ragged
+
+
+@gpu_only
+@pytest.mark.parametrize("kfmt,vfmt,bits", [("C", "T", 2), ("C", "T", 4), ("T", "T", 3), ("D", "D", 0)])
+def test_attention_long_gpu(kfmt, vfmt, bits):
+    g = _gen(bits)
+    H, M, d = 16, 8, 128  # e.g. batch 2 x 8 KV heads
+    counts = tuple(int(c) for c in (torch.randint(1, 200, (H,), generator=g) * 32))
+    k_part = _make(kfmt, counts, d, bits, 32, torch.float16, g, 0)
+    v_part = _make(vfmt, counts, d, bits, 32, torch.float16, g, 500 if vfmt == "T" else 0)
+    starts = [int(c) // 3 for c in counts]
+    cnts = [c - s for c, s in zip(counts, starts, strict=True)]
+    q = _randn(H, M, d, g=g, dtype=torch.float16)
+    o64, l64, _ = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
+    out, lse, _ = dispatch.partial_attention_parts(q, k_part, v_part, d ** -0.5, starts, cnts, False)
+    assert relerr(out, o64) < 1e-2
+    assert float((lse.double() - l64).abs().max()) < 1e-1
+
+
+@gpu_only
+def test_quantize_large_gpu():
+    g = _gen(9)
+    x = _randn(8192, 128, g=g, dtype=torch.float16)
+    for bits in (2, 4):
+        w, s, z = tq.quantize_channels(x, bits, 32)
+        codes, sr, zr = ref.minmax_quantize(x.cpu().reshape(-1, 32, 128).transpose(1, 2), bits, 32)
+        assert torch.equal(w.cpu(), ref.pack(codes, bits)) and torch.equal(s.cpu(), sr[..., 0].half())
+        w, s, z = tq.quantize_tokens(x, bits, 32)
+        codes, sr, zr = ref.minmax_quantize(x.cpu(), bits, 32)
+        assert torch.equal(w.cpu(), ref.pack(codes, bits)) and torch.equal(z.cpu(), zr.half())
+
+
+@gpu_only
+def test_reference_on_cuda_scale_ulp():
+    """Documents why the quantizer tests use the CPU reference: torch on CUDA divides by a Python scalar as a
+    multiplication by its reciprocal, so ``minmax_quantize`` run on CUDA can differ from IEEE by 1 ulp in the scale."""
+    x = torch.randn(4096, 128, device="cuda")
+    _, s_gpu, _ = ref.minmax_quantize(x, 2, 32)
+    _, s_cpu, _ = ref.minmax_quantize(x.cpu(), 2, 32)
+    _, s_tri, _ = tq.quantize_tokens(x, 2, 32)
+    assert torch.equal(s_tri.cpu(), s_cpu)
+    print("reference on CUDA vs CPU: scales differing:", int((s_gpu.cpu() != s_cpu).sum()), "of", s_cpu.numel())
