@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run (or resume) a sweep and print the summary table")
     r.add_argument("--methods", default="full", help="comma-separated specs, e.g. full,kivi:bits=2,h2o:budget=0.2")
-    r.add_argument("--tasks", default=config.DEFAULT_TASKS, help="task names or groups (ruler), comma-separated")
+    r.add_argument("--tasks", default=None,
+                   help=f"task names or groups (ruler), comma-separated (default: {config.DEFAULT_TASKS}, "
+                        f"answers capped at {config.DEFAULT_MAX_NEW_TOKENS} tokens)")
     r.add_argument("--lengths", default=config.DEFAULT_LENGTHS, help="prompt lengths in tokens, e.g. 4k,16k")
     r.add_argument("--samples", type=int, default=config.DEFAULT_SAMPLES, help="samples per task and length")
     r.add_argument("--seed", type=int, default=0)
@@ -69,12 +71,13 @@ def _cmd_run(a) -> int:
     if not a.no_baseline and "full" not in [m.spec() for m in ms]:
         ms = [methods.parse_spec("full"), *ms]
     try:
-        ts = tasks.resolve_tasks(a.tasks)
+        ts = tasks.resolve_tasks(a.tasks or config.DEFAULT_TASKS)
     except tasks.UnknownTaskError as e:
         raise UserError(str(e)) from None
+    max_new = a.max_new_tokens or (None if a.tasks else config.DEFAULT_MAX_NEW_TOKENS)
     cfg = config.RunConfig(methods=ms, tasks=ts, lengths=config.parse_lengths(a.lengths), samples=a.samples,
                            seed=a.seed, model=a.model, device=a.device, dtype=a.dtype, kv_dtype=a.kv_dtype,
-                           out=a.out, query_aware=a.query_aware, max_new_tokens=a.max_new_tokens, kernels=a.kernels,
+                           out=a.out, query_aware=a.query_aware, max_new_tokens=max_new, kernels=a.kernels,
                            progress=not a.no_progress)
     try:
         records = runner.run(cfg)

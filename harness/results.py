@@ -121,11 +121,14 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 
 def write_tables(run_dir: Path, records: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Write summary.csv / summary.md / overall.csv / overall.md in the run directory."""
+    """Write summary.csv / summary.md / overall.csv / overall.md and the PNG plots in the run directory."""
     summ = summarize(records)
     ov = overall(summ)
     summ.to_csv(run_dir / "summary.csv", index=False)
     ov.to_csv(run_dir / "overall.csv", index=False)
     (run_dir / "summary.md").write_text(to_markdown(summ))
     (run_dir / "overall.md").write_text(to_markdown(ov))
+    from harness.plots import write_plots
+
+    write_plots(run_dir, records, ov)
     return summ, ov

@@ -2,7 +2,7 @@
 
 For each segment the function computes a partial output and its log-sum-exp, then merges the partials exactly
 (the flash-decoding merge). The plain-torch path dequantizes; on CUDA the Triton kernels in :mod:`kernels` read the
-packed bytes directly (dispatch in :func:`segment_partials`). The same pass produces the statistics policies declare
+packed bytes directly (:func:`triton_attend`). The same pass produces the statistics policies declare
 (:mod:`methods.stats`), so the main prefill pass stays on SDPA.
 
 The prefill of an empty store runs SDPA over the fresh keys and values (full precision, like KIVI and kvpress), then
@@ -67,6 +67,48 @@ def segment_partials(q: torch.Tensor, segments, scale: float):
         out, lse, s = ref.partial_attention(q, kp, vp, scale, mask)
         parts.append((out, lse, s, counts))
     return parts
+
+
+def reference_attend(q: torch.Tensor, segments, k_new: torch.Tensor, v_new: torch.Tensor, scale: float,
+                     lq: int, want: bool):
+    """Exact attention of grouped queries ``q [H_kv, g*lq, d]`` over every segment plus the new tokens (plain torch).
+
+    Per KV head, the head's rows of every segment (dequantized) and its new rows form one key set; one softmax per
+    head (the new tokens causally masked) is the same function as the per-segment partials merged by their
+    log-sum-exps, with far fewer small operations on CPU. Returns ``(out [H_kv, g*lq, d], seg_stats, new_stats)``
+    where, when ``want``, ``seg_stats[i]`` is the (sum, max, last) row statistics of segment ``i`` (head-grouped) and
+    ``new_stats`` those of the new tokens (each ``[H_kv, lq]``).
+    """
+    hk, m, d = q.shape
+    g = m // lq
+    deq = [seg.dequant() for seg in segments]
+    offs = [head_offsets(seg.counts) for seg in segments]
+    causal = torch.arange(lq, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None]
+    new_mask = causal.unsqueeze(0).expand(g, lq, lq).reshape(m, lq)
+    outs, probs = [], []
+    qf = q.float()
+    for h in range(hk):
+        ks = [k[o[h]:o[h + 1]] for (k, _), o in zip(deq, offs)] + [k_new[h].float()]
+        vs = [v[o[h]:o[h + 1]] for (_, v), o in zip(deq, offs)] + [v_new[h].float()]
+        s = qf[h] @ torch.cat(ks).T * scale  # [M, n_h + lq]
+        if lq > 1:
+            s[:, -lq:] = s[:, -lq:].masked_fill(~new_mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        outs.append(p @ torch.cat(vs))
+        if want:
+            probs.append(torch.split(p, [x.shape[0] for x in ks], dim=-1))
+    out = torch.stack(outs)
+    if not want:
+        return out, None, None
+
+    def reduce(cols: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        red = [_reduce_rows(c.unsqueeze(0), g, lq) for c in cols]  # per head: ([1, n], [1, n], [1, n])
+        return tuple(torch.cat([r[j][0] for r in red]) for j in range(3))
+
+    seg_stats = [reduce([probs[h][i] for h in range(hk)]) for i in range(len(segments))]
+    new = [_reduce_rows(probs[h][-1].unsqueeze(0), g, lq) for h in range(hk)]
+    new_stats = tuple(torch.cat([r[j] for r in new]) for j in range(3))
+    return out, seg_stats, new_stats
 
 
 def _ranges(parts) -> list[list[tuple[int, int]]]:
@@ -195,15 +237,15 @@ class LayerAttention:
         g = hq // hk
         qg = q.reshape(hk, g * lq, d)
         store = self.store
-        # the new tokens attend to each other causally (query i sees new keys j <= i)
-        causal = (torch.arange(lq, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None])
-        fmask = causal.unsqueeze(0).expand(g, lq, lq).reshape(1, g * lq, lq)
-        f_out, f_lse, f_s = ref.partial_attention(qg, k, v, scale, fmask)
         want = self.needs.step
         stats = StepStats([], [], [], lq) if want else None
         if use_triton(q.device):
             from kernels.dispatch import merge
 
+            # the new tokens attend to each other causally (query i sees new keys j <= i)
+            causal = torch.arange(lq, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None]
+            fmask = causal.unsqueeze(0).expand(g, lq, lq).reshape(1, g * lq, lq)
+            f_out, f_lse, f_s = ref.partial_attention(qg, k, v, scale, fmask)
             c_out, c_lse, per_segment = triton_attend(qg, store.segments, scale, want)
             out, lse = merge([c_out, f_out], [c_lse, f_lse])
             if want:
@@ -211,16 +253,13 @@ class LayerAttention:
                     reds = [(_reduce_rows(torch.exp(sc - lse.unsqueeze(-1)), g, lq), cnt) for sc, cnt in pairs]
                     for j, lst in enumerate((stats.sum, stats.max, stats.last)):
                         lst.append(_pairs_rows([(r[j], cnt) for r, cnt in reds]))
+                fresh = _reduce_rows(torch.exp(f_s - lse.unsqueeze(-1)), g, lq)
         else:
-            parts = segment_partials(qg, store.segments, scale)
-            out, lse = ref.merge_partials([p[0] for p in parts] + [f_out], [p[1] for p in parts] + [f_lse])
+            out, seg_stats, fresh = reference_attend(qg, store.segments, k, v, scale, lq, want)
             if want:
-                for _, _, s, counts in parts:
-                    red = _reduce_rows(torch.exp(s - lse.unsqueeze(-1)), g, lq)
+                for red in seg_stats:
                     for lst, r in zip((stats.sum, stats.max, stats.last), red):
-                        lst.append(unpad_by_head(r, counts))
-        if want:
-            fresh = _reduce_rows(torch.exp(f_s - lse.unsqueeze(-1)), g, lq)
+                        lst.append(r)
         n_before = len(store.segments)
         counts_before = store.segments[-1].counts
         pos = torch.arange(store.seen, store.seen + lq, device=q.device)
