@@ -59,16 +59,16 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: int32 words -> int64 codes ``[..., n]``."""
+def unpack(words: torch.Tensor, bits: int, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 words -> codes ``[..., n]`` (int64 unless ``dtype`` says otherwise)."""
     *lead, _ = words.shape
     if bits == 0:
-        return torch.zeros(*lead, n, dtype=torch.int64, device=words.device)
+        return torch.zeros(*lead, n, dtype=dtype, device=words.device)
     per = codes_per_word(bits)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, device=words.device, dtype=torch.int64) * bits
-    c = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return c.reshape(*lead, -1)[..., :n]
+    # int32 arithmetic shifts sign-extend, and the mask removes the extension: no int64 copy of the words needed
+    shifts = torch.arange(per, device=words.device, dtype=torch.int32) * bits
+    c = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return c.reshape(*lead, -1)[..., :n].to(dtype)
 
 
 def minmax_quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

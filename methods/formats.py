@@ -170,7 +170,7 @@ class TokenQuant(Part):
         if self.nbits == 0:
             x = self.zero.float().repeat_interleave(self.group, dim=-1)
         else:
-            codes = ref.unpack(self.words, self.nbits, self.d)
+            codes = ref.unpack(self.words, self.nbits, self.d, torch.float32)
             x = ref.affine_dequantize(codes, self.scale, self.zero, self.group)
         if self.out_idx is not None and self.out_idx.numel():
             x = x.reshape(-1)
@@ -239,8 +239,8 @@ class ChannelQuant(Part):
 
     def dequant(self) -> torch.Tensor:
         nb, d, _ = self.words.shape
-        codes = ref.unpack(self.words, self.nbits, self.group)  # [nb, d, G]
-        x = codes.float() * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
+        codes = ref.unpack(self.words, self.nbits, self.group, torch.float32)  # [nb, d, G]
+        x = codes * self.scale.float().unsqueeze(-1) + self.zero.float().unsqueeze(-1)
         return x.transpose(1, 2).reshape(nb * self.group, d)
 
     def nbytes(self) -> int:

@@ -73,10 +73,13 @@ class Qaq(Method):
     at ``level=layer``). Then it is quantized once with the same rules at the current ``T``: key bound with current
     ``T``, value bound with the observed max (no forced ``n_max``). Without step statistics (e.g. second part of a
     composite) the value bound uses ``a = 1``, the largest possible attention (the most bits). With
-    ``attention=false`` new rows are quantized at once. Differences from the paper's §4.2 loop: stored rows are never
-    re-quantized (up or down) as ``T`` and attention change, and no fp16 master copy is kept in CPU memory; the dense
-    residual holds at most ``n`` rows per head. Quantized decode rows collect in a small segment per key width,
-    merged into the large one every ``MERGE_ROWS`` (64) rows.
+    ``attention=false`` new rows are ready at once. Ready rows are packed in batches of ``decode_batch`` per head
+    (packing one row per step costs more than the step's attention on CPU); a ready row waiting for its batch keeps
+    accumulating its running max, and ``decode_batch=1`` packs every row as soon as it is ready. Differences from the
+    paper's §4.2 loop: stored rows are never re-quantized (up or down) as ``T`` and attention change, and no fp16
+    master copy is kept in CPU memory; the dense residual holds at most ``n + decode_batch - 1`` rows per head.
+    Quantized decode rows collect in a small segment per key width, merged into the large one every ``MERGE_ROWS``
+    (64) rows.
     ``decode=dense`` keeps every generated token dense, as the reference protocol (prompt KV only) does.
 
     Accounting: ``store.nbytes()`` counts the real tensors (codes, per-row scale/zero, outlier values + int32
@@ -105,6 +108,7 @@ class Qaq(Method):
     bits: int = field(default=2, metadata={"help": "uniform bits when attention=false (0..8)"})
     target: Literal["kv", "k", "v"] = field(default="kv", metadata={"help": "tensors quantized (others dense)"})
     decode: Literal["quantize", "dense"] = field(default="quantize", metadata={"help": "generated tokens' rule"})
+    decode_batch: int = field(default=8, metadata={"help": "ready generated rows packed together, per head"})
 
     reference_accounting = staticmethod(qaq_reference_accounting)
 
@@ -133,6 +137,8 @@ class Qaq(Method):
             raise SpecError(f"qaq: err={self.err} must be a positive number")
         if self.n < 1:
             raise SpecError(f"qaq: n={self.n} must be >= 1")
+        if self.decode_batch < 1:
+            raise SpecError(f"qaq: decode_batch={self.decode_batch} must be >= 1")
         if not 0 <= self.n_min <= self.n_max <= 8:
             raise SpecError(f"qaq: need 0 <= n_min ({self.n_min}) <= n_max ({self.n_max}) <= 8")
         if not 0 <= self.bits <= 8:
@@ -191,7 +197,7 @@ class Qaq(Method):
         quant = [s for s in store.segments if not is_dense(s)]
         resid = _merge_dense(dense)
         ready = resid.aux[OBS] >= self.n if self.attention else torch.ones_like(resid.aux[OBS], dtype=torch.bool)
-        if not bool(ready.any()):
+        if int(ready.sum()) < self.decode_batch * store.info.n_kv_heads:
             store.segments = quant + [resid]
             return
         sub, rest = resid.select(ready), resid.select(~ready)

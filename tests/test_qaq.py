@@ -276,7 +276,7 @@ def step_stats(store: LayerStore, amax: dict[int, float]) -> StepStats:
 def test_decode_rule_running_max():
     k, v, stats = alloc_case()
     store = make_store(k, v)
-    m = Qaq(n=2, outliers=0.0)
+    m = Qaq(n=2, outliers=0.0, decode_batch=1)
     m.on_prefill(store, stats)
     new_k, new_v = ramp(2.0).expand(2, 1, 8), ramp(30.0).expand(2, 1, 8)
     store.append(new_k, new_v, torch.tensor([6]))
@@ -303,7 +303,7 @@ def test_end_to_end_tiny_llama(level, mode, merge_rows, monkeypatch):
     monkeypatch.setattr("methods.qaq.MERGE_ROWS", merge_rows)
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
-    method = Qaq(level=level, mode=mode, n=5)
+    method = Qaq(level=level, mode=mode, n=5, decode_batch=1)
     cache, logits = run_cache(model, method, ids, n_decode=10)
     assert all(torch.isfinite(lg).all() for lg in logits)
     for layer in cache.layers:
@@ -354,7 +354,22 @@ def test_spec_errors(spec):
 
 def test_spec_defaults_and_level_token_message():
     assert parse_spec("qaq").spec() == ("qaq:err=3,n=5,n_min=0,n_max=4,outliers=0.01,q_norm=300,level=head,"
-                                        "mode=faithful,attention=true,bits=2,target=kv,decode=quantize")
+                                        "mode=faithful,attention=true,bits=2,target=kv,decode=quantize,decode_batch=8")
     assert parse_spec("qaq:q_norm=300.0").q_norm == "300"
     with pytest.raises(SpecError, match="all layers"):
         Qaq(level="token")
+
+
+def test_decode_batch_packs_ready_rows_together():
+    """decode_batch=B: ready rows stay dense until B per head are ready, then are packed at once."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    cache, _ = run_cache(model, Qaq(n=2, decode_batch=4), ids, n_decode=6)
+    for layer in cache.layers:
+        resid = layer.store.segments[-1]
+        assert isinstance(resid.k[0], Dense)
+        # generated rows 40..45; rows 40..44 have been seen by >= 2 queries (ready): 40..43 were packed as one
+        # batch of 4, 44 waits for its batch, 45 is not ready yet
+        dense_pos = sorted(set(resid.aux["pos"].tolist()))
+        assert dense_pos == [44, 45]
+        assert layer.store.state["qaq"]["decode_k_bits"].numel() == 4 * 2
