@@ -27,6 +27,13 @@ def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
+def _save(fig, path: Path, out: list[Path]) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    out.append(path)
+
+
 def write_plots(run_dir: Path, records: list[dict], overall: pd.DataFrame) -> list[Path]:
     """Write the plots that the records support; returns their paths."""
     if overall.empty:
@@ -44,10 +51,7 @@ def write_plots(run_dir: Path, records: list[dict], overall: pd.DataFrame) -> li
     ax.set_xlabel("compression ratio vs fp16 (real bytes)")
     ax.set_ylabel("score (mean over tasks)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.append(run_dir / "pareto.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    _save(fig, run_dir / "pareto.png", out)
     df = pd.DataFrame(records)
     needle = df[df["task"] == "needle"] if "task" in df else df.iloc[0:0]
     if not needle.empty:
@@ -60,10 +64,7 @@ def write_plots(run_dir: Path, records: list[dict], overall: pd.DataFrame) -> li
             ax.set_xticks(range(len(piv.columns)), piv.columns, fontsize=6)
             ax.set_yticks(range(len(piv.index)), piv.index, fontsize=6)
             ax.set_title(m.split(":")[0], fontsize=7)
-        fig.tight_layout()
-        out.append(run_dir / "needle_depth.png")
-        fig.savefig(out[-1], dpi=120)
-        plt.close(fig)
+        _save(fig, run_dir / "needle_depth.png", out)
     if overall["length"].nunique() > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m, grp in overall.groupby("method"):
@@ -71,8 +72,5 @@ def write_plots(run_dir: Path, records: list[dict], overall: pd.DataFrame) -> li
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("time per output token (ms)")
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        out.append(run_dir / "latency.png")
-        fig.savefig(out[-1], dpi=120)
-        plt.close(fig)
+        _save(fig, run_dir / "latency.png", out)
     return out

@@ -41,11 +41,6 @@ def pad_by_head(x: torch.Tensor, counts: tuple[int, ...]) -> tuple[torch.Tensor,
     return out, valid
 
 
-def unpad_by_head(x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pad_by_head` for ``[H, max_count, ...]``."""
-    return torch.cat([x[i, :c] for i, c in enumerate(counts)]) if counts else x.reshape(0)
-
-
 def _reduce_rows(p: torch.Tensor, g: int, lq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``p [H_kv, g*lq, N]`` -> (sum, max, last) over the group's heads and queries, each ``[H_kv, N]``."""
     p4 = p.reshape(p.shape[0], g, lq, p.shape[-1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from methods.base import Method
@@ -92,12 +92,8 @@ class Composite(Method):
     def extra_metrics(self, stores) -> dict:
         out = {}
         for i, p in enumerate(self.parts):
-            saved = [s.state for s in stores]
-            for s in stores:
-                s.state = s.state.get("parts", [{}] * len(self.parts))[i]
-            try:
+            with ExitStack() as stack:
+                for s in stores:
+                    stack.enter_context(self._state(s, i))
                 out.update(p.extra_metrics(stores))
-            finally:
-                for s, st in zip(stores, saved):
-                    s.state = st
         return out
