@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import time
@@ -21,6 +22,9 @@ from tasks.scoring import score as score_answer
 
 
 def git_commit() -> str:
+    """Short commit of this checkout (``$KVHARNESS_GIT_COMMIT`` for copies without ``.git``)."""
+    if os.environ.get("KVHARNESS_GIT_COMMIT"):
+        return os.environ["KVHARNESS_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
                               capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"

@@ -136,19 +136,21 @@ def _reference_parts(q, k_part, v_part, scale, starts, counts, want_scores):
     return out, lse, (s if want_scores else None)
 
 
-def make_plan(k_part, v_part, row_start, row_count, device: torch.device, nsplit: int | None = None):
-    """A :class:`kernels.triton_attention.PairPlan` for one part-pair (reusable across decode steps)."""
+def make_plan(k_part, v_part, row_start, row_count, device: torch.device, nsplit: int | None = None, col=None,
+              col_base: int = 0, newr: int = 0):
+    """A :class:`kernels.triton_attention.PairPlan` for one part-pair (reusable across decode steps).
+
+    ``row_start`` is per head, relative to the head's first row in each part (the same in K and V).
+    """
     from kernels.triton_attention import PairPlan
     from kernels.triton_tiles import PartSpec
 
     starts, counts = _ints(row_start), _ints(row_count)
     ko, vo = _offsets(k_part.counts), _offsets(v_part.counts)
     H = len(counts)
-    kbeg = torch.tensor([ko[h] + starts[h] for h in range(H)], dtype=torch.int64, device=device)
-    vbeg = torch.tensor([vo[h] + starts[h] for h in range(H)], dtype=torch.int64, device=device)
-    cnt = torch.tensor(counts, dtype=torch.int64, device=device)
-    return PairPlan(PartSpec(k_part, outlier_csr(k_part)), PartSpec(v_part, outlier_csr(v_part)), kbeg, vbeg, cnt,
-                    max(counts) if counts else 0, nsplit)
+    return PairPlan(PartSpec(k_part, outlier_csr(k_part)), PartSpec(v_part, outlier_csr(v_part)),
+                    [ko[h] + starts[h] for h in range(H)], [vo[h] + starts[h] for h in range(H)], counts, col,
+                    nsplit, col_base, newr, device)
 
 
 def partial_attention_parts(q: torch.Tensor, k_part, v_part, scale: float, row_start, row_count,
@@ -186,8 +188,11 @@ def partial_attention_parts(q: torch.Tensor, k_part, v_part, scale: float, row_s
     from kernels.triton_attention import attend_pairs
 
     plan = make_plan(k_part, v_part, starts, counts, q.device)
-    out, lse, scores = attend_pairs(q, [plan], scale, want_scores)
-    return out, lse, scores[0]
+    scores = None
+    if want_scores:
+        scores = torch.full((q.shape[0], q.shape[1], plan.max_cnt), float("-inf"), device=q.device)
+    out, lse = attend_pairs(q, [plan], scale, scores)
+    return out, lse, scores
 
 
 def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], backend: str | None = None

@@ -12,6 +12,7 @@ has fewer rows); the caller forms the statistics of the final probabilities ``ex
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -32,29 +33,44 @@ NUM_STAGES = int(os.environ.get("KV_STAGES", 2))
 PROGRAMS_PER_SM = int(os.environ.get("KV_PROGRAMS_PER_SM", 32))
 
 
-@triton.jit
+# sizes are runtime values: specialising on them (== 1, multiple of 16) would recompile as a decode cache grows
+_SIZES = ["k_nrows", "v_nrows", "M", "NMAX", "SPLIT_OFF", "S_TOTAL", "NSPLIT", "KB0", "KHS", "VB0", "VHS", "CNT"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _attn_split_kernel(
     q_ptr, out_ptr, lse_ptr, s_ptr,
     k_data, k_scale, k_zero, k_optr, k_oidx, k_oval,
     v_data, v_scale, v_zero, v_optr, v_oidx, v_oval,
-    kbeg_ptr, vbeg_ptr, cnt_ptr, k_nrows, v_nrows, M, NMAX, SPLIT_OFF, S_TOTAL, sm_scale,
+    meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
+    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale,
     K_FMT: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr, K_PER: tl.constexpr, K_WPR: tl.constexpr,
     K_FAST: tl.constexpr, K_HAS_OUT: tl.constexpr, K_IEEE: tl.constexpr,
     V_FMT: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, V_PER: tl.constexpr, V_WPR: tl.constexpr,
     V_FAST: tl.constexpr, V_HAS_OUT: tl.constexpr, V_IEEE: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-    NSPLIT: tl.constexpr, ALIGN: tl.constexpr, WANT_SCORES: tl.constexpr, F32: tl.constexpr,
+    UNIFORM: tl.constexpr, ALIGN: tl.constexpr, WANT_SCORES: tl.constexpr, F32: tl.constexpr,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
-    kbeg = tl.load(kbeg_ptr + h).to(tl.int64)
-    vbeg = tl.load(vbeg_ptr + h).to(tl.int64)
-    cnt = tl.load(cnt_ptr + h).to(tl.int64)
+    if UNIFORM:  # every head: rows KB0 + h*KHS (K) / VB0 + h*VHS (V), CNT of them, score column COL0
+        kbeg = (KB0 + h * KHS).to(tl.int64)
+        vbeg = (VB0 + h * VHS).to(tl.int64)
+        cnt = tl.full([], CNT, tl.int64)
+        col = tl.full([], COL0, tl.int64)
+    else:  # meta [4, H]: kbeg, vbeg, count, score column per head
+        nh = tl.num_programs(0)
+        kbeg = tl.load(meta_ptr + h).to(tl.int64)
+        vbeg = tl.load(meta_ptr + nh + h).to(tl.int64)
+        cnt = tl.load(meta_ptr + 2 * nh + h).to(tl.int64)
+        col = tl.load(meta_ptr + 3 * nh + h).to(tl.int64)
     abeg = kbeg - kbeg % ALIGN
     ntiles = tl.where(cnt > 0, tl.cdiv(kbeg + cnt - abeg, BLOCK_N), 0)
     tps = tl.cdiv(ntiles, NSPLIT)
     t_lo = sp * tps
     t_hi = tl.minimum(t_lo + tps, ntiles)
+    # the last NEWR rows of each head are this step's tokens: query token i (= m % LQ) sees new row t iff t <= i
+    new0 = kbeg + cnt - NEWR
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -76,17 +92,19 @@ def _attn_split_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k.to(q.dtype)))
-        s = tl.where(rmask[None, :], s * qk_scale, float("-inf"))
+        see = rmask[None, :] & ((krows - new0)[None, :] <= (offs_m % LQ)[:, None])
+        s = tl.where(see, s * qk_scale, float("-inf"))
         if WANT_SCORES:
-            j = krows - kbeg
+            j = COLBASE + col + krows - kbeg
             tl.store(s_ptr + (h * M + offs_m[:, None]).to(tl.int64) * NMAX + j[None, :], s * 0.6931471805599453,
                      mask=mmask[:, None] & rmask[None, :])
         v0 = t0 - kbeg + vbeg
         v = load_tile(v_data, v_scale, v_zero, v_optr, v_oidx, v_oval, v0, v_nrows, rmask, offs_d, dmask,
                       V_FMT, V_BITS, V_GROUP, V_PER, V_WPR, V_FAST, V_HAS_OUT, V_IEEE, D, BLOCK_N, BLOCK_D, BLOCK_O)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query may see no row of a tile (causal tail)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if F32:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -101,7 +119,7 @@ def _attn_split_kernel(
     tl.store(lse_ptr + row, lse, mask=mmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "S", "stride_h", "stride_s"])
 def _merge_kernel(out_p, lse_p, out_ptr, lse_ptr, M, S, stride_h, stride_s,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """Combine ``S`` normalised partials ``[.., S, M, D]`` (strides in units of ``M*D`` / ``M``) by their lse."""
@@ -131,9 +149,14 @@ def _merge_kernel(out_p, lse_p, out_ptr, lse_ptr, M, S, stride_h, stride_s,
     tl.store(lse_ptr + h * M + offs_m, lse_out, mask=mmask)
 
 
+@functools.cache
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
@@ -146,31 +169,72 @@ def choose_splits(n_heads: int, max_rows: int, device: torch.device, min_tiles: 
     return min(want, most, 256)
 
 
+def _progression(x: list[int]) -> tuple[int, int] | None:
+    """``(first, step)`` when ``x`` is an arithmetic progression, else None."""
+    step = x[1] - x[0] if len(x) > 1 else 0
+    return (x[0], step) if all(b - a == step for a, b in zip(x, x[1:])) else None
+
+
 class PairPlan:
-    """One K part + one V part over the same rows, with per-head row ranges (device int64 tensors)."""
+    """One K part + one V part over the same rows, with per-head row ranges; reusable across decode steps.
 
-    def __init__(self, kspec: PartSpec, vspec: PartSpec, kbeg: torch.Tensor, vbeg: torch.Tensor, cnt: torch.Tensor,
-                 max_cnt: int, nsplit: int | None = None):
-        self.k, self.v, self.kbeg, self.vbeg, self.cnt, self.max_cnt = kspec, vspec, kbeg, vbeg, cnt, max_cnt
-        self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), max_cnt, cnt.device)
+    Parameters
+    ----------
+    kspec, vspec : PartSpec
+    kbeg, vbeg, cnt : list[int]
+        Per head: first row in the K part and in the V part (absolute, in the part's head-grouped rows) and row count.
+    col : list[int] or None
+        Per head: column of the pair's first row in the score buffer (added to ``col_base``); default 0.
+    nsplit : int or None
+        Splits per head (default :func:`choose_splits`).
+    col_base : int
+        Score-buffer column where the pair's owner (a segment) starts.
+    newr : int
+        The last ``newr`` rows of every head are the current step's tokens (causal among themselves).
+
+    When the per-head numbers are arithmetic progressions (equal counts, evenly spaced heads: every dense segment
+    that was not evicted per head) they travel as kernel scalars; otherwise as one int64 ``[4, H]`` device tensor,
+    built here once.
+    """
+
+    def __init__(self, kspec: PartSpec, vspec: PartSpec, kbeg, vbeg, cnt, col=None, nsplit: int | None = None,
+                 col_base: int = 0, newr: int = 0, device: torch.device | None = None):
+        kbeg, vbeg, cnt = [int(x) for x in kbeg], [int(x) for x in vbeg], [int(x) for x in cnt]
+        col = [0] * len(cnt) if col is None else [int(x) for x in col]
+        self.k, self.v, self.n_heads = kspec, vspec, len(cnt)
+        self.max_cnt = max(cnt) if cnt else 0
+        device = device if device is not None else _device_of(kspec)
+        self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), self.max_cnt, device)
+        self.col_base, self.newr = col_base, newr
+        kp, vp = _progression(kbeg), _progression(vbeg)
+        self.uniform = kp is not None and vp is not None and len(set(cnt)) <= 1 and len(set(col)) <= 1
+        if self.uniform:
+            self.meta = None
+            self.scalars = (kp[0], kp[1], vp[0], vp[1], cnt[0] if cnt else 0, col[0] if col else 0)
+        else:
+            self.meta = torch.tensor([kbeg, vbeg, cnt, col], dtype=torch.int64, device=device)
+            self.scalars = (0, 0, 0, 0, 0, 0)
+        k_fast = kspec.fast and (kspec.fmt != CHANNEL or BLOCK_N % kspec.per == 0)
+        self.align = BLOCK_N if kspec.fmt == CHANNEL and k_fast else 1
+        self.consts = {**kspec.consts("K_", k_fast), **vspec.consts("V_", vspec.fast and vspec.fmt != CHANNEL)}
+        self.args = (*kspec.args(), *vspec.args())
 
 
-def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float):
+def _device_of(spec: PartSpec) -> torch.device:
+    return spec.data.device
+
+
+def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float,
+                  lq: int):
     H, M, D = q.shape
-    block_d = triton.next_power_of_2(D)
-    block_m = max(16, triton.next_power_of_2(M))
-    k_fast = plan.k.fast and (plan.k.fmt != CHANNEL or BLOCK_N % plan.k.per == 0)
-    align = BLOCK_N if plan.k.fmt == CHANNEL and k_fast else 1
-    v_fast = plan.v.fast and plan.v.fmt != CHANNEL
     want = scores is not None
     _attn_split_kernel[(H, plan.nsplit)](
-        q, out_p, lse_p, scores if want else lse_p,
-        *plan.k.args(), *plan.v.args(),
-        plan.kbeg, plan.vbeg, plan.cnt, plan.k.nrows, plan.v.nrows, M, plan.max_cnt if want else 0,
-        split_off, s_total, float(scale),
-        **plan.k.consts("K_", k_fast), **plan.v.consts("V_", v_fast),
-        D=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, NSPLIT=plan.nsplit, ALIGN=align,
-        WANT_SCORES=want, F32=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        q, out_p, lse_p, scores if want else lse_p, *plan.args,
+        plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
+        scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
+        **plan.consts, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=max(16, triton.next_power_of_2(M)),
+        BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, UNIFORM=plan.uniform, ALIGN=plan.align, WANT_SCORES=want,
+        F32=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
 
 
@@ -186,12 +250,14 @@ def merge_splits(out_p: torch.Tensor, lse_p: torch.Tensor, stride_h: int, stride
     return out, lse
 
 
-def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, want_scores: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, scores: torch.Tensor | None = None,
+                 lq: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [H, M, d]`` over several part-pairs, merged in one launch.
 
-    Returns ``out [H, M, d]`` float32 (normalised), ``lse [H, M]`` (natural log; -inf where no row) and, per plan,
-    the scores ``[H, M, max_cnt]`` (float32, ``-inf`` padding) when ``want_scores``, else None.
+    ``M`` rows are ``g`` query heads x ``lq`` query tokens (token fastest). When ``scores`` (float32
+    ``[H, M, N]``, pre-filled with ``-inf``) is given, each pair writes its raw scaled scores (natural units) at
+    columns ``col_base + col[h] + j``. Returns ``out [H, M, d]`` float32 (normalised) and ``lse [H, M]`` (natural log;
+    -inf where no row).
     """
     q = q.contiguous()
     if q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
@@ -200,16 +266,11 @@ def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, want_scor
     s_total = sum(p.nsplit for p in plans)
     out_p = new_empty((H, s_total, M, D), torch.float32, q.device)
     lse_p = new_empty((H, s_total, M), torch.float32, q.device)
-    scores, off = [], 0
+    off = 0
     for p in plans:
-        sc = None
-        if want_scores:
-            sc = torch.full((H, M, p.max_cnt), float("-inf"), device=q.device, dtype=torch.float32)
-        _launch_split(q, p, out_p, lse_p, sc, off, s_total, scale)
+        _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq)
         off += p.nsplit
-        scores.append(sc)
-    out, lse = merge_splits(out_p, lse_p, s_total, 1, H, s_total)
-    return out, lse, scores
+    return merge_splits(out_p, lse_p, s_total, 1, H, s_total)
 
 
 def merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference as ref
-from methods.formats import head_cat, head_offsets
+from methods.formats import head_offsets
 from methods.stats import Needs, PrefillStats, StepStats
 
 ATTN_NAME = "kvcompress"
@@ -64,46 +64,44 @@ def segment_partials(q: torch.Tensor, segments, scale: float):
     return parts
 
 
-def reference_attend(q: torch.Tensor, segments, k_new: torch.Tensor, v_new: torch.Tensor, scale: float,
-                     lq: int, want: bool):
-    """Exact attention of grouped queries ``q [H_kv, g*lq, d]`` over every segment plus the new tokens (plain torch).
+def reference_attend(q: torch.Tensor, segments, scale: float, lq: int, want: bool):
+    """Exact attention of grouped queries ``q [H_kv, g*lq, d]`` over every segment (plain torch).
 
-    Per KV head, the head's rows of every segment (dequantized) and its new rows form one key set; one softmax per
-    head (the new tokens causally masked) is the same function as the per-segment partials merged by their
-    log-sum-exps, with far fewer small operations on CPU. Returns ``(out [H_kv, g*lq, d], seg_stats, new_stats)``
-    where, when ``want``, ``seg_stats[i]`` is the (sum, max, last) row statistics of segment ``i`` (head-grouped) and
-    ``new_stats`` those of the new tokens (each ``[H_kv, lq]``).
+    The step's ``lq`` tokens are already stored: they are the last ``lq`` rows of every head of the last segment, and
+    query token ``i`` sees new token ``j`` only if ``j <= i``. Per KV head, the head's rows of every segment
+    (dequantized) form one key set and one softmax (the same function as per-segment partials merged by their
+    log-sum-exps, with far fewer small operations on CPU). Returns ``(out [H_kv, g*lq, d], seg_stats)`` where, when
+    ``want``, ``seg_stats[i]`` is the (sum, max, last) row statistics of segment ``i`` (head-grouped).
     """
     hk, m, d = q.shape
     g = m // lq
     deq = [seg.dequant() for seg in segments]
     offs = [head_offsets(seg.counts) for seg in segments]
-    causal = torch.arange(lq, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None]
-    new_mask = causal.unsqueeze(0).expand(g, lq, lq).reshape(m, lq)
+    tail = None
+    if lq > 1:
+        qtok = torch.arange(m, device=q.device) % lq
+        tail = torch.arange(lq, device=q.device)[None, :] > qtok[:, None]  # [M, lq] True = hidden
     outs, probs = [], []
     qf = q.float()
     for h in range(hk):
-        ks = [k[o[h]:o[h + 1]] for (k, _), o in zip(deq, offs)] + [k_new[h].float()]
-        vs = [v[o[h]:o[h + 1]] for (_, v), o in zip(deq, offs)] + [v_new[h].float()]
-        s = qf[h] @ torch.cat(ks).T * scale  # [M, n_h + lq]
-        if lq > 1:
-            s[:, -lq:] = s[:, -lq:].masked_fill(~new_mask, float("-inf"))
+        ks = [k[o[h]:o[h + 1]] for (k, _), o in zip(deq, offs)]
+        vs = [v[o[h]:o[h + 1]] for (_, v), o in zip(deq, offs)]
+        s = qf[h] @ torch.cat(ks).T * scale  # [M, n_h]
+        if tail is not None:
+            s[:, -lq:] = s[:, -lq:].masked_fill(tail, float("-inf"))
         p = torch.softmax(s, dim=-1)
         outs.append(p @ torch.cat(vs))
         if want:
             probs.append(torch.split(p, [x.shape[0] for x in ks], dim=-1))
     out = torch.stack(outs)
     if not want:
-        return out, None, None
+        return out, None
 
     def reduce(cols: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         red = [_reduce_rows(c.unsqueeze(0), g, lq) for c in cols]  # per head: ([1, n], [1, n], [1, n])
         return tuple(torch.cat([r[j][0] for r in red]) for j in range(3))
 
-    seg_stats = [reduce([probs[h][i] for h in range(hk)]) for i in range(len(segments))]
-    new = [_reduce_rows(probs[h][-1].unsqueeze(0), g, lq) for h in range(hk)]
-    new_stats = tuple(torch.cat([r[j] for r in new]) for j in range(3))
-    return out, seg_stats, new_stats
+    return out, [reduce([probs[h][i] for h in range(hk)]) for i in range(len(segments))]
 
 
 def _ranges(parts) -> list[list[tuple[int, int]]]:
@@ -120,8 +118,9 @@ def segment_pairs(seg):
     """Split a segment into (K part, V part) pairs over aligned row ranges.
 
     K and V parts may split a head's rows at different points (KIVI: keys leave the residual in blocks, values one
-    by one). Each returned ``(k_part, v_part, k_start, v_start, count)`` covers, per head, the rows where one K part
-    and one V part overlap; starts are row offsets inside each part. Pairs come in row order within every head.
+    by one). Each returned ``(k_part, v_part, k_start, v_start, count, col)`` covers, per head, the rows where one K
+    part and one V part overlap; starts are row offsets inside each part, ``col`` the offset of the first row within
+    the head's rows of the segment. Pairs come in row order within every head.
     """
     kr, vr = _ranges(seg.k), _ranges(seg.v)
     pairs = []
@@ -131,40 +130,79 @@ def segment_pairs(seg):
             cnt = [max(0, min(a[1], b[1]) - x) for a, b, x in zip(kh, vh, lo)]
             if any(cnt):
                 pairs.append((kp, vp, [x - a[0] if c else 0 for x, a, c in zip(lo, kh, cnt)],
-                              [x - b[0] if c else 0 for x, b, c in zip(lo, vh, cnt)], cnt))
+                              [x - b[0] if c else 0 for x, b, c in zip(lo, vh, cnt)], cnt,
+                              [x if c else 0 for x, c in zip(lo, cnt)]))
     return pairs
 
 
-def triton_attend(q: torch.Tensor, segments, scale: float, want_scores: bool):
+class SegmentPlan:
+    """A segment prepared for the Triton kernels: its part-pairs as plans, kept while its parts are the same.
+
+    ``nmax`` is its widest head (score-buffer columns) and ``index`` (ragged segments only) picks its head-grouped
+    rows out of a ``[H, nmax]`` block flattened.
+    """
+
+    def __init__(self, seg, device: torch.device):
+        from kernels.dispatch import outlier_csr
+        from kernels.triton_attention import PairPlan
+        from kernels.triton_tiles import PartSpec
+
+        self.parts = tuple(seg.k) + tuple(seg.v)
+        self.plans = []
+        for kp, vp, ks, vs, cnt, col in segment_pairs(seg):
+            ko, vo = head_offsets(kp.counts), head_offsets(vp.counts)
+            self.plans.append(PairPlan(PartSpec(kp, outlier_csr(kp)), PartSpec(vp, outlier_csr(vp)),
+                                       [o + x for o, x in zip(ko, ks)], [o + x for o, x in zip(vo, vs)], cnt, col,
+                                       device=device))
+        counts = seg.counts
+        self.nmax = max(counts)
+        self.index = None
+        if len(set(counts)) > 1:
+            self.index = torch.cat([torch.arange(c) + h * self.nmax for h, c in enumerate(counts)]).to(device)
+
+    def fits(self, seg) -> bool:
+        parts = tuple(seg.k) + tuple(seg.v)
+        return len(parts) == len(self.parts) and all(a is b for a, b in zip(parts, self.parts))
+
+
+def triton_attend(q: torch.Tensor, segments, scale: float, lq: int, want: bool, cache: dict | None = None):
     """Fused Triton attention over every part-pair of every segment, merged; reads the packed bytes directly.
 
-    Returns ``(out, lse, per_segment)`` where ``per_segment`` lists, per segment, its pairs' ``(scores, counts)``.
+    Same contract as :func:`reference_attend` (the step's tokens are the last ``lq`` rows of each head of the last
+    segment). ``cache`` maps ``id(segment)`` to its :class:`SegmentPlan` and is pruned to the current segments, so
+    a decode step rebuilds plans only for segments whose parts changed.
     """
-    from kernels.dispatch import outlier_csr
-    from kernels.triton_attention import PairPlan, attend_pairs
-    from kernels.triton_tiles import PartSpec
+    from kernels.triton_attention import attend_pairs
 
-    plans, owners = [], []
-    dev = q.device
-    for i, seg in enumerate(segments):
-        for kp, vp, ks, vs, cnt in segment_pairs(seg):
-            ko, vo = head_offsets(kp.counts), head_offsets(vp.counts)
-            kbeg = torch.tensor([o + x for o, x in zip(ko, ks)], dtype=torch.int64, device=dev)
-            vbeg = torch.tensor([o + x for o, x in zip(vo, vs)], dtype=torch.int64, device=dev)
-            plans.append(PairPlan(PartSpec(kp, outlier_csr(kp)), PartSpec(vp, outlier_csr(vp)), kbeg, vbeg,
-                                  torch.tensor(cnt, dtype=torch.int64, device=dev), max(cnt), None))
-            owners.append((i, cnt))
-    out, lse, scores = attend_pairs(q, plans, scale, want_scores)
-    per_segment: list[list] = [[] for _ in segments]
-    for (i, cnt), sc in zip(owners, scores):
-        per_segment[i].append((sc, cnt))
-    return out, lse, per_segment
-
-
-def _pairs_rows(per_pair: list[tuple[torch.Tensor, list[int]]]) -> torch.Tensor:
-    """Per-pair row statistics ``[H, n_max]`` -> one head-grouped vector in segment row order."""
-    heads = len(per_pair[0][1])
-    return torch.cat([r[h, :c[h]] for h in range(heads) for r, c in per_pair])
+    hk, m, _ = q.shape
+    g = m // lq
+    cache = {} if cache is None else cache
+    seg_plans, plans, base = [], [], 0
+    for seg in segments:
+        sp = cache.get(id(seg))
+        if sp is None or not sp.fits(seg):
+            sp = SegmentPlan(seg, q.device)
+        seg_plans.append(sp)
+        for p in sp.plans:
+            p.col_base, p.newr = base, 0
+            plans.append(p)
+        base += sp.nmax
+    plans[-1].newr = lq
+    cache.clear()
+    cache.update({id(seg): sp for seg, sp in zip(segments, seg_plans)})
+    scores = torch.full((hk, m, base), float("-inf"), device=q.device) if want else None
+    out, lse = attend_pairs(q, plans, scale, scores, lq)
+    if not want:
+        return out, None
+    red = torch.stack(_reduce_rows(torch.exp(scores - lse.unsqueeze(-1)), g, lq))  # [3, H, base]
+    stats, base = [], 0
+    for sp in seg_plans:
+        block = red[:, :, base:base + sp.nmax].reshape(3, -1)
+        if sp.index is not None:
+            block = block[:, sp.index]
+        stats.append(tuple(block))
+        base += sp.nmax
+    return out, stats
 
 
 def prefill_stats(q: torch.Tensor, k: torch.Tensor, scale: float, needs: Needs) -> PrefillStats:
@@ -202,6 +240,7 @@ class LayerAttention:
         self.store = store
         self.method = method
         self.needs = method.needs()
+        self.plans: dict = {}  # id(segment) -> SegmentPlan, for the Triton path
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         if query.shape[0] != 1:
@@ -229,42 +268,18 @@ class LayerAttention:
     def _step(self, q, k, v, scale):
         hq, lq, d = q.shape
         hk = k.shape[0]
-        g = hq // hk
-        qg = q.reshape(hk, g * lq, d)
         store = self.store
-        want = self.needs.step
-        stats = StepStats([], [], [], lq) if want else None
-        if use_triton(q.device):
-            from kernels.dispatch import merge
-
-            # the new tokens attend to each other causally (query i sees new keys j <= i)
-            causal = torch.arange(lq, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None]
-            fmask = causal.unsqueeze(0).expand(g, lq, lq).reshape(1, g * lq, lq)
-            f_out, f_lse, f_s = ref.partial_attention(qg, k, v, scale, fmask)
-            c_out, c_lse, per_segment = triton_attend(qg, store.segments, scale, want)
-            out, lse = merge([c_out, f_out], [c_lse, f_lse])
-            if want:
-                for pairs in per_segment:
-                    reds = [(_reduce_rows(torch.exp(sc - lse.unsqueeze(-1)), g, lq), cnt) for sc, cnt in pairs]
-                    for j, lst in enumerate((stats.sum, stats.max, stats.last)):
-                        lst.append(_pairs_rows([(r[j], cnt) for r, cnt in reds]))
-                fresh = _reduce_rows(torch.exp(f_s - lse.unsqueeze(-1)), g, lq)
-        else:
-            out, seg_stats, fresh = reference_attend(qg, store.segments, k, v, scale, lq, want)
-            if want:
-                for red in seg_stats:
-                    for lst, r in zip((stats.sum, stats.max, stats.last), red):
-                        lst.append(r)
-        n_before = len(store.segments)
-        counts_before = store.segments[-1].counts
         pos = torch.arange(store.seen, store.seen + lq, device=q.device)
         store.append(k.to(store.info.dtype), v.to(store.info.dtype), pos)
+        qg = q.reshape(hk, (hq // hk) * lq, d)
+        want = self.needs.step
+        if use_triton(q.device):
+            out, seg_stats = triton_attend(qg, store.segments, scale, lq, want, self.plans)
+        else:
+            out, seg_stats = reference_attend(qg, store.segments, scale, lq, want)
+        stats = None
         if want:
-            for lst, r in zip((stats.sum, stats.max, stats.last), fresh):
-                if len(store.segments) > n_before:
-                    lst.append(r.reshape(-1))
-                else:
-                    lst[-1] = head_cat(lst[-1], counts_before, r.reshape(-1), (lq,) * hk)
+            stats = StepStats([r[0] for r in seg_stats], [r[1] for r in seg_stats], [r[2] for r in seg_stats], lq)
         self.method.on_append(store, stats)
         return out.reshape(hq, lq, d)
 

@@ -14,23 +14,26 @@ from tests.tinymodel import run_cache, tiny_llama
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2)])
 def test_full_reproduces_transformers_logits(heads, kv_heads):
+    """Prefill, then a 6-token chunk in one forward (causal among the new tokens), then 20 decode steps."""
     model = tiny_llama(heads, kv_heads, layers=3)
     ids = torch.randint(0, 128, (1, 57), generator=torch.Generator().manual_seed(1))
+    chunk = [5, 77, 12, 9, 100, 3]
     with torch.no_grad():
         ref_out = model(ids, use_cache=True)
         pkv = ref_out.past_key_values
         logits = [ref_out.logits]
+        logits.append(model(torch.tensor([chunk]), past_key_values=pkv, use_cache=True).logits)
         toks = []
         for _ in range(20):
             t = int(logits[-1][0, -1].argmax())
             toks.append(t)
             o = model(torch.tensor([[t]]), past_key_values=pkv, use_cache=True)
             logits.append(o.logits)
-    cache, ours = run_cache(model, methods.parse_spec("full"), ids, n_decode=20, tokens=toks)
-    assert len(ours) == 21
+    cache, ours = run_cache(model, methods.parse_spec("full"), ids, n_decode=20, tokens=toks, chunk=chunk)
+    assert len(ours) == 22
     for a, b in zip(ours, logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert cache.kept_rows() == cache.seen_rows() == 3 * kv_heads * (57 + 20)
+    assert cache.kept_rows() == cache.seen_rows() == 3 * kv_heads * (57 + 6 + 20)
     # fp32 rows: 4 bytes x (K + V) x head_dim per row
     assert cache.nbytes() == cache.kept_rows() * 2 * 16 * 4
 

@@ -27,6 +27,7 @@ def _reset_backend():
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_triton_path_matches_reference(spec):
+    """Prefill, a 3-token chunk (causal tail inside the kernel), then 5 decode steps: same logits, bytes, rows."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_llama(4, 2, layers=2, head_dim=32).to(dev)
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(5)).to(dev)
@@ -34,7 +35,7 @@ def test_triton_path_matches_reference(spec):
     for backend in ("reference", "triton"):
         set_backend(backend)
         cache, logits = run_cache(model, methods.parse_spec(spec), ids, n_decode=5, kv_dtype=torch.float32,
-                                  tokens=[3, 1, 4, 1, 5])
+                                  tokens=[3, 1, 4, 1, 5], chunk=[7, 8, 9])
         out[backend] = (torch.cat([x[0, -1] for x in logits]), cache.nbytes(), cache.kept_rows())
     ref, tri = out["reference"], out["triton"]
     assert ref[1:] == tri[1:]
@@ -52,3 +53,22 @@ def test_segment_pairs_split_kivi_layout():
     # keys: 96 quantized + 4 dense; values: 68 quantized + 32 dense
     assert [(p[2], p[3], p[4]) for p in pairs] == [([0, 0], [0, 0], [68, 68]), ([68, 68], [0, 0], [28, 28]),
                                                   ([0, 0], [28, 28], [4, 4])]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compilation counting needs the GPU")
+def test_decode_does_not_recompile_as_the_cache_grows():
+    """Sizes are runtime arguments: 60 decode steps over a growing cache compile the attention kernel once per
+    (format pair, flags), not once per length."""
+    from kernels import triton_attention as ta
+
+    model = tiny_llama(4, 2, layers=2, head_dim=32).to("cuda")
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(7)).to("cuda")
+    set_backend("triton")
+    run_cache(model, methods.parse_spec("full"), ids, n_decode=2)
+    caches = getattr(ta._attn_split_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton version does not expose its kernel cache")
+    before = sum(len(c[0]) for c in caches.values())
+    run_cache(model, methods.parse_spec("full"), ids, n_decode=60)
+    after = sum(len(c[0]) for c in caches.values())
+    assert after - before <= 1, (before, after)
