@@ -164,10 +164,21 @@ COLS = ["context", "batch", "method", "time_us", "bytes", "gbps", "frac_copy_bw"
         "speedup_over_byte_ratio", "prefill_sdpa_us", "quant_over_prefill"]
 
 
-SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM, BLOCK_O, fast loaders)
-    (32, 2, 2, 32, 16, True), (32, 2, 2, 32, 16, False), (64, 4, 2, 16, 16, False), (16, 1, 2, 64, 16, True),
-    (32, 1, 2, 64, 16, True), (32, 2, 3, 64, 16, False), (16, 2, 2, 64, 16, False), (64, 2, 2, 32, 16, False),
+SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM, BLOCK_O, fast loaders, fold K scales, fp16 V dequant)
+    (32, 2, 2, 32, 16, True, False, False), (32, 2, 2, 32, 16, True, True, False),
+    (32, 2, 2, 32, 16, True, False, True), (32, 2, 2, 32, 16, True, True, True),
+    (32, 4, 2, 32, 16, True, True, True), (32, 2, 3, 32, 16, True, True, True), (32, 1, 2, 64, 16, True, True, True),
+    (32, 2, 2, 16, 16, True, True, True), (16, 1, 2, 64, 16, True, True, True), (64, 4, 2, 16, 16, True, True, True),
 ]
+
+
+def _set_config(cfg) -> None:
+    from kernels import triton_attention as ta
+    from kernels import triton_tiles
+
+    ta.BLOCK_N, ta.NUM_WARPS, ta.NUM_STAGES, ta.PROGRAMS_PER_SM, ta.BLOCK_O, fast, ta.FOLD_K, ta.HALF_V = cfg
+    ta.PACKED_WARPS, ta.PACKED_PROGRAMS_PER_SM = ta.NUM_WARPS, ta.PROGRAMS_PER_SM  # one config for every pair
+    triton_tiles.FAST_PATHS = fast
 
 
 def sweep(B: int, hkv: int, hq: int, T: int, d: int, copy_bw: float) -> list[dict]:
@@ -175,16 +186,14 @@ def sweep(B: int, hkv: int, hq: int, T: int, d: int, copy_bw: float) -> list[dic
     from triton.testing import do_bench
 
     from kernels import triton_attention as ta
-    from kernels import triton_tiles
 
     data = build_cases(B, hkv, T, d)
     q = torch.randn(B * hkv, hq // hkv, d, device="cuda", dtype=torch.float16)
     rows = []
     for cfg in SWEEP:
-        bn, nw, ns, pps, bo, fast = cfg
-        ta.BLOCK_N, ta.NUM_WARPS, ta.NUM_STAGES, ta.PROGRAMS_PER_SM, ta.BLOCK_O = bn, nw, ns, pps, bo
-        triton_tiles.FAST_PATHS = fast
-        line = [f"BN={bn} w={nw} st={ns} pps={pps} BO={bo} fast={fast}"]
+        _set_config(cfg)
+        bn, nw, ns, pps, bo, fast, fold, half = cfg
+        line = [f"BN={bn} w={nw} st={ns} pps={pps} BO={bo} fast={fast} foldK={fold} halfV={half}"]
         for name, pairs in data["cases"].items():
             plans = plans_for(pairs, q.device)
             nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs)
@@ -203,17 +212,15 @@ def sweep(B: int, hkv: int, hq: int, T: int, d: int, copy_bw: float) -> list[dic
 
 def _apply_best(rows: list[dict]) -> None:
     """Set the launch configuration with the lowest summed time of the packed cases."""
-    from kernels import triton_attention as ta
-    from kernels import triton_tiles
-
     tot: dict = {}
     for r in rows:
         if r["method"] != "triton-fp16":
             tot[r["config"]] = tot.get(r["config"], 0.0) + r["time_us"]
-    bn, nw, ns, pps, bo, fast = min(tot, key=tot.get)
-    ta.BLOCK_N, ta.NUM_WARPS, ta.NUM_STAGES, ta.PROGRAMS_PER_SM, ta.BLOCK_O = bn, nw, ns, pps, bo
-    triton_tiles.FAST_PATHS = fast
-    print(f"# best: BLOCK_N={bn} num_warps={nw} num_stages={ns} programs/SM={pps} BLOCK_O={bo} fast={fast}")
+    best = min(tot, key=tot.get)
+    _set_config(best)
+    bn, nw, ns, pps, bo, fast, fold, half = best
+    print(f"# best: BLOCK_N={bn} num_warps={nw} num_stages={ns} programs/SM={pps} BLOCK_O={bo} fast={fast} "
+          f"fold_k={fold} half_v={half}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_tiles import CHANNEL, PartSpec, load_tile, new_empty
+from kernels.triton_tiles import CHANNEL, DENSE, TOKEN, PartSpec, channel_codes, channel_codes_t, load_tile, new_empty
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -31,6 +31,11 @@ BLOCK_O = int(os.environ.get("KV_BLOCK_O", 16))
 NUM_WARPS = int(os.environ.get("KV_WARPS", 2))
 NUM_STAGES = int(os.environ.get("KV_STAGES", 2))
 PROGRAMS_PER_SM = int(os.environ.get("KV_PROGRAMS_PER_SM", 32))
+# pairs with a packed part: one warp per program and twice the programs (H100 sweep: -10% at 32k vs 2 warps)
+PACKED_WARPS = int(os.environ.get("KV_PACKED_WARPS", 1))
+PACKED_PROGRAMS_PER_SM = int(os.environ.get("KV_PACKED_PROGRAMS_PER_SM", 64))
+FOLD_K = os.environ.get("KV_FOLD_K", "1") == "1"  # per-channel keys: scales folded into q (tile = raw codes)
+HALF_V = os.environ.get("KV_HALF_V", "1") == "1"  # per-token values of fp16 caches dequantized in fp16
 
 
 # sizes are runtime values: specialising on them (== 1, multiple of 16) would recompile as a decode cache grows
@@ -50,6 +55,7 @@ def _attn_split_kernel(
     V_FAST: tl.constexpr, V_HAS_OUT: tl.constexpr, V_IEEE: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
     UNIFORM: tl.constexpr, ALIGN: tl.constexpr, WANT_SCORES: tl.constexpr, F32: tl.constexpr,
+    K_FOLD: tl.constexpr, V_HALF: tl.constexpr, BIAS_CHUNK: tl.constexpr = 16,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -82,35 +88,67 @@ def _attn_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    for t in range(t_lo, t_hi):
-        t0 = abeg + t * BLOCK_N
-        krows = t0 + tl.arange(0, BLOCK_N)
-        rmask = (krows >= kbeg) & (krows < kbeg + cnt)
-        k = load_tile(k_data, k_scale, k_zero, k_optr, k_oidx, k_oval, t0, k_nrows, rmask, offs_d, dmask,
-                      K_FMT, K_BITS, K_GROUP, K_PER, K_WPR, K_FAST, K_HAS_OUT, K_IEEE, D, BLOCK_N, BLOCK_D, BLOCK_O)
-        if F32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))
-        see = rmask[None, :] & ((krows - new0)[None, :] <= (offs_m % LQ)[:, None])
-        s = tl.where(see, s * qk_scale, float("-inf"))
-        if WANT_SCORES:
-            j = COLBASE + col + krows - kbeg
-            tl.store(s_ptr + (h * M + offs_m[:, None]).to(tl.int64) * NMAX + j[None, :], s * 0.6931471805599453,
-                     mask=mmask[:, None] & rmask[None, :])
-        v0 = t0 - kbeg + vbeg
-        v = load_tile(v_data, v_scale, v_zero, v_optr, v_oidx, v_oval, v0, v_nrows, rmask, offs_d, dmask,
-                      V_FMT, V_BITS, V_GROUP, V_PER, V_WPR, V_FAST, V_HAS_OUT, V_IEEE, D, BLOCK_N, BLOCK_D, BLOCK_O)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query may see no row of a tile (causal tail)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+    for tc in range(t_lo, t_hi, BIAS_CHUNK):
+        if K_FOLD:
+            # q.zero of the next BIAS_CHUNK tiles' key blocks in one small dot (instead of a reduction per tile)
+            tt = tc + tl.arange(0, BIAS_CHUNK)
+            zb = (abeg + tt * BLOCK_N) // K_GROUP
+            zt = tl.load(k_zero + zb[:, None] * D + offs_d[None, :], mask=(tt < t_hi)[:, None] & dmask[None, :],
+                         other=0.0)
+            if F32:
+                bz = tl.dot(q, tl.trans(zt.to(tl.float32)), input_precision="ieee")  # [BLOCK_M, BIAS_CHUNK]
+            else:
+                bz = tl.dot(q, tl.trans(zt.to(q.dtype)))
+        for t in range(tc, tl.minimum(tc + BIAS_CHUNK, t_hi)):
+            t0 = abeg + t * BLOCK_N
+            krows = t0 + tl.arange(0, BLOCK_N)
+            rmask = (krows >= kbeg) & (krows < kbeg + cnt)
+            if K_FOLD:
+                # per-channel keys, one quantization block per tile: q.(c*scale + zero) = (q*scale).c + q.zero, so the
+                # tile stays raw codes (exact in fp16) and the scales touch only the M query rows
+                blk = t0 // K_GROUP
+                # (no row mask: t0 < k_nrows, every tile holds a valid row)
+                ksc = tl.load(k_scale + blk * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+                qf = q.to(tl.float32)
+                bias = tl.sum(tl.where((tl.arange(0, BIAS_CHUNK) == t - tc)[None, :], bz, 0.0), 1)
+                if K_FAST == 2:
+                    ct = channel_codes_t(k_data, t0, k_nrows, offs_d, dmask, K_BITS, K_GROUP, K_PER, K_WPR, D, BLOCK_N)
+                else:
+                    ct = tl.trans(channel_codes(k_data, t0, k_nrows, offs_d, dmask, K_BITS, K_GROUP, K_PER, K_WPR, D,
+                                                BLOCK_N))
+                if F32:
+                    s = tl.dot(qf * ksc[None, :], ct.to(tl.float32), input_precision="ieee")
+                else:
+                    s = tl.dot((qf * ksc[None, :]).to(q.dtype), ct.to(q.dtype))
+                s = s + bias[:, None]
+            else:
+                k = load_tile(k_data, k_scale, k_zero, k_optr, k_oidx, k_oval, t0, k_nrows, rmask, offs_d, dmask,
+                              K_FMT, K_BITS, K_GROUP, K_PER, K_WPR, K_FAST, K_HAS_OUT, K_IEEE, D, BLOCK_N, BLOCK_D,
+                              BLOCK_O)
+                if F32:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k.to(q.dtype)))
+            see = rmask[None, :] & ((krows - new0)[None, :] <= (offs_m % LQ)[:, None])
+            s = tl.where(see, s * qk_scale, float("-inf"))
+            if WANT_SCORES:
+                j = COLBASE + col + krows - kbeg
+                tl.store(s_ptr + (h * M + offs_m[:, None]).to(tl.int64) * NMAX + j[None, :], s * 0.6931471805599453,
+                         mask=mmask[:, None] & rmask[None, :])
+            v0 = t0 - kbeg + vbeg
+            v = load_tile(v_data, v_scale, v_zero, v_optr, v_oidx, v_oval, v0, v_nrows, rmask, offs_d, dmask,
+                          V_FMT, V_BITS, V_GROUP, V_PER, V_WPR, V_FAST, V_HAS_OUT, V_IEEE, D, BLOCK_N, BLOCK_D, BLOCK_O,
+                          V_HALF)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query may see no row of a tile (causal tail)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if F32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+            m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -160,11 +198,14 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def choose_splits(n_heads: int, max_rows: int, device: torch.device, min_tiles: int = 4) -> int:
-    """Splits per head: about ``PROGRAMS_PER_SM`` programs per SM, each with at least ``min_tiles`` row tiles."""
+def choose_splits(n_heads: int, max_rows: int, device: torch.device, min_tiles: int = 4,
+                  programs_per_sm: int | None = None) -> int:
+    """Splits per head: about ``programs_per_sm`` (default :data:`PROGRAMS_PER_SM`) programs per SM, each with at
+    least ``min_tiles`` row tiles."""
     if max_rows <= 0:
         return 1
-    want = max(1, math.ceil(PROGRAMS_PER_SM * _num_sms(device) / max(n_heads, 1)))
+    pps = programs_per_sm or PROGRAMS_PER_SM
+    want = max(1, math.ceil(pps * _num_sms(device) / max(n_heads, 1)))
     most = max(1, math.ceil(max_rows / (BLOCK_N * min_tiles)))
     return min(want, most, 256)
 
@@ -204,7 +245,9 @@ class PairPlan:
         self.k, self.v, self.n_heads = kspec, vspec, len(cnt)
         self.max_cnt = max(cnt) if cnt else 0
         device = device if device is not None else _device_of(kspec)
-        self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), self.max_cnt, device)
+        self.packed = kspec.fmt != DENSE or vspec.fmt != DENSE
+        pps = PACKED_PROGRAMS_PER_SM if self.packed else PROGRAMS_PER_SM
+        self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), self.max_cnt, device, 4, pps)
         self.col_base, self.newr = col_base, newr
         kp, vp = _progression(kbeg), _progression(vbeg)
         self.uniform = kp is not None and vp is not None and len(set(cnt)) <= 1 and len(set(col)) <= 1
@@ -216,7 +259,10 @@ class PairPlan:
             self.scalars = (0, 0, 0, 0, 0, 0)
         k_fast = kspec.fast and (kspec.fmt != CHANNEL or BLOCK_N % kspec.per == 0)
         self.align = BLOCK_N if kspec.fmt == CHANNEL and k_fast else 1
-        self.consts = {**kspec.consts("K_", k_fast), **vspec.consts("V_", vspec.fast and vspec.fmt != CHANNEL)}
+        v_fast = vspec.fast and vspec.fmt != CHANNEL
+        self.consts = {**kspec.consts("K_", k_fast), **vspec.consts("V_", v_fast)}
+        self.fold_k = k_fast and kspec.fmt == CHANNEL and not kspec.has_out  # and one block per tile
+        self.half_v = v_fast and vspec.fmt == TOKEN and not vspec.has_out and vspec.bits > 0
         self.args = (*kspec.args(), *vspec.args())
 
 
@@ -234,7 +280,9 @@ def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_o
         scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
         **plan.consts, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=max(16, triton.next_power_of_2(M)),
         BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, UNIFORM=plan.uniform, ALIGN=plan.align, WANT_SCORES=want,
-        F32=q.dtype == torch.float32, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        F32=q.dtype == torch.float32, K_FOLD=FOLD_K and plan.fold_k and plan.k.group % BLOCK_N == 0,
+        V_HALF=HALF_V and plan.half_v and q.dtype == torch.float16,
+        num_warps=PACKED_WARPS if plan.packed else NUM_WARPS, num_stages=NUM_STAGES,
     )
 
 

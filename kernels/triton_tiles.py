@@ -24,6 +24,7 @@ DENSE = 0
 TOKEN = 1
 CHANNEL = 2
 FAST_PATHS = True  # False forces the general (gathered-word) loaders everywhere; for benchmarks and tests
+JOIN_LOADERS = True  # fast loaders expand words with nested tl.join (codes of a word stay in one thread)
 POISON = False  # tests set this: outputs start as NaN (floats) or 0x5A5A5A5A (ints), so unwritten elements show
 
 
@@ -73,11 +74,94 @@ def _scatter_outliers(x, optr, oidx, oval, t0, nrows, offs_d, D: tl.constexpr, B
 
 
 @triton.jit
+def _plane(w, i: tl.constexpr, BITS: tl.constexpr):
+    return (w >> (i * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _j2(w, s0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_plane(w, s0, BITS), _plane(w, s0 + st, BITS))
+
+
+@triton.jit
+def _j4(w, s0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_j2(w, s0, 2 * st, BITS), _j2(w, s0 + st, 2 * st, BITS))
+
+
+@triton.jit
+def _j8(w, s0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_j4(w, s0, 2 * st, BITS), _j4(w, s0 + st, 2 * st, BITS))
+
+
+@triton.jit
+def _j16(w, s0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_j8(w, s0, 2 * st, BITS), _j8(w, s0 + st, 2 * st, BITS))
+
+
+@triton.jit
+def _j32(w, s0: tl.constexpr, st: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_j16(w, s0, 2 * st, BITS), _j16(w, s0 + st, 2 * st, BITS))
+
+
+@triton.jit
+def expand_codes(w, BITS: tl.constexpr, PER: tl.constexpr):
+    """int32 words ``[R, W]`` -> codes ``[R, W*PER]``, code ``i`` of word ``j`` at column ``j*PER + i``.
+
+    Built by nested ``tl.join`` (``join(even planes, odd planes)`` recursively gives the natural order), so the codes
+    of one word stay in one thread and the final reshape moves no data.
+    """
+    if PER == 4:
+        c = _j4(w, 0, 1, BITS)
+    elif PER == 8:
+        c = _j8(w, 0, 1, BITS)
+    elif PER == 16:
+        c = _j16(w, 0, 1, BITS)
+    else:
+        c = _j32(w, 0, 1, BITS)
+    return tl.reshape(c, (w.shape[0], w.shape[1] * PER))
+
+
+@triton.jit
+def channel_codes_t(data, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: tl.constexpr, PER: tl.constexpr,
+                    WPR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Raw int32 codes of ChannelQuant rows ``t0 + arange(BLOCK_N)``, transposed: ``[BLOCK_D, BLOCK_N]`` (the ``K^T``
+    operand of ``q K^T``), expanded with :func:`expand_codes` (``t0`` a multiple of ``PER``)."""
+    NW: tl.constexpr = BLOCK_N // PER
+    wrow = t0 + tl.arange(0, NW) * PER
+    wblk = wrow // GROUP
+    tw = (wrow % GROUP) // PER
+    wm = (wrow >= 0) & (wrow < nrows)
+    w = tl.load(data + (wblk[None, :] * D + offs_d[:, None]) * WPR + tw[None, :], mask=dmask[:, None] & wm[None, :],
+                other=0)
+    return expand_codes(w, BITS, PER)
+
+
+@triton.jit
+def channel_codes(data, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: tl.constexpr, PER: tl.constexpr,
+                  WPR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Raw int32 codes ``[BLOCK_N, BLOCK_D]`` of ChannelQuant rows ``t0 + arange(BLOCK_N)`` (``t0`` a multiple of
+    ``PER``; fast layout). Rows outside ``[0, nrows)`` read as 0."""
+    NW: tl.constexpr = BLOCK_N // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+    wrow = t0 + tl.arange(0, NW) * PER
+    wblk = wrow // GROUP
+    tw = (wrow % GROUP) // PER
+    wm = (wrow >= 0) & (wrow < nrows)
+    w = tl.load(data + (wblk[:, None] * D + offs_d[None, :]) * WPR + tw[:, None], mask=wm[:, None] & dmask[None, :],
+                other=0)
+    sh = tl.arange(0, PER) * BITS
+    c = (w[:, None, :] >> sh[None, :, None]) & MASK
+    return tl.reshape(c, (BLOCK_N, offs_d.shape[0]))
+
+
+@triton.jit
 def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dmask,
               FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, PER: tl.constexpr, WPR: tl.constexpr,
               FAST: tl.constexpr, HAS_OUT: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, HALF: tl.constexpr = False):
     """Float32 tile of rows ``t0 + arange(BLOCK_N)`` (int64 ``t0``) of one part; see the module docstring.
+
+    ``HALF`` (TokenQuant fast path without outliers): dequantize in float16 instead.
 
     ``WPR``: int32 words per row (TokenQuant) or per channel of a block (ChannelQuant); ``PER``: codes per word.
     ``FAST`` for ChannelQuant also needs ``t0`` to be a multiple of ``PER``.
@@ -91,6 +175,17 @@ def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dma
         NG: tl.constexpr = D // GROUP
         if BITS == 0:
             x = tl.load(zero + rows[:, None] * NG + (offs_d // GROUP)[None, :], mask=m2, other=0.0).to(tl.float32)
+        elif FAST == 2:
+            w = tl.load(data + rows[:, None] * WPR + tl.arange(0, WPR)[None, :], mask=rmask[:, None], other=0)
+            c3 = tl.reshape(expand_codes(w, BITS, PER), (BLOCK_N, NG, GROUP))
+            g = tl.arange(0, NG)
+            sc = tl.load(scale + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0)
+            zr = tl.load(zero + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0)
+            if HALF:
+                x3 = c3.to(tl.float16) * sc.to(tl.float16)[:, :, None] + zr.to(tl.float16)[:, :, None]
+            else:
+                x3 = c3.to(tl.float32) * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]
+            x = tl.reshape(x3, (BLOCK_N, BLOCK_D))
         elif FAST:
             w = tl.load(data + rows[:, None] * WPR + tl.arange(0, WPR)[None, :], mask=rmask[:, None], other=0)
             sh = tl.arange(0, PER) * BITS
@@ -101,7 +196,10 @@ def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dma
             zr = tl.load(zero + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
             sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_D))
             zr = tl.reshape(tl.broadcast_to(zr[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_D))
-            x = c.to(tl.float32) * sc + zr
+            if HALF:
+                x = c.to(tl.float16) * sc.to(tl.float16) + zr.to(tl.float16)
+            else:
+                x = c.to(tl.float32) * sc + zr
         else:
             w = tl.load(data + rows[:, None] * WPR + (offs_d // PER)[None, :], mask=m2, other=0)
             c = (w >> ((offs_d % PER) * BITS)[None, :]) & MASK
@@ -112,16 +210,7 @@ def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dma
             x = _scatter_outliers(x, optr, oidx, oval, t0, nrows, offs_d, D, BLOCK_N, BLOCK_O, IEEE)
     else:
         if FAST:
-            NW: tl.constexpr = BLOCK_N // PER
-            wrow = t0 + tl.arange(0, NW) * PER
-            wblk = wrow // GROUP
-            tw = (wrow % GROUP) // PER
-            wm = (wrow >= 0) & (wrow < nrows)
-            w = tl.load(data + (wblk[:, None] * D + offs_d[None, :]) * WPR + tw[:, None],
-                        mask=wm[:, None] & dmask[None, :], other=0)
-            sh = tl.arange(0, PER) * BITS
-            c = (w[:, None, :] >> sh[None, :, None]) & MASK
-            c = tl.reshape(c, (BLOCK_N, BLOCK_D)).to(tl.float32)
+            c = channel_codes(data, t0, nrows, offs_d, dmask, BITS, GROUP, PER, WPR, D, BLOCK_N).to(tl.float32)
             SB: tl.constexpr = BLOCK_N // GROUP if BLOCK_N > GROUP else 1
             RPB: tl.constexpr = BLOCK_N // SB
             srow = t0 + tl.arange(0, SB) * RPB
@@ -154,6 +243,11 @@ def new_empty(shape, dtype, device) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else 0x5A5A5A5A
     return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _fast_kind(fast: bool) -> int:
+    """The loaders' ``FAST`` constexpr: 0 general, 1 broadcast-shift + reshape, 2 nested joins."""
+    return (2 if JOIN_LOADERS else 1) if fast else 0
 
 
 def _pow2(x: int) -> bool:
@@ -219,5 +313,5 @@ class PartSpec:
     def consts(self, prefix: str = "", fast: bool | None = None) -> dict:
         """Compile-time arguments (without the ``D``/``BLOCK_*`` ones), names prefixed with ``prefix``."""
         c = dict(FMT=self.fmt, BITS=self.bits if self.fmt else 0, GROUP=self.group, PER=self.per, WPR=self.wpr,
-                 FAST=self.fast if fast is None else fast, HAS_OUT=self.has_out, IEEE=self.ieee)
+                 FAST=_fast_kind(self.fast if fast is None else fast), HAS_OUT=self.has_out, IEEE=self.ieee)
         return {prefix + k: v for k, v in c.items()}

@@ -273,3 +273,48 @@ def test_reference_on_cuda_scale_ulp():
     _, s_tri, _ = tq.quantize_tokens(x, 2, 32)
     assert torch.equal(s_tri.cpu(), s_cpu)
     print("reference on CUDA vs CPU: scales differing:", int((s_gpu.cpu() != s_cpu).sum()), "of", s_cpu.numel())
+
+
+@pytest.mark.parametrize("fold,half,join", [(True, True, True), (False, False, True), (True, False, False),
+                                            (False, True, False), (True, True, False)])
+def test_folded_keys_and_half_values_match_float64(fold, half, join, monkeypatch):
+    """KIVI-like pair in fp16 (per-channel K, per-token V, no outliers): the folded-scale key path and the fp16
+    value dequantization are taken (checked on the plan) and agree with float64 like the plain path, with either
+    word expansion (nested joins or broadcast shift + reshape)."""
+    from kernels import triton_attention as ta
+    from kernels import triton_tiles
+
+    monkeypatch.setattr(ta, "FOLD_K", fold)
+    monkeypatch.setattr(ta, "HALF_V", half)
+    monkeypatch.setattr(triton_tiles, "JOIN_LOADERS", join)
+    g = _gen(11)
+    counts, d = (96, 160), 64
+    k_part = _make("C", counts, d, 2, 32, torch.float16, g, 0)
+    v_part = _make("T", counts, d, 4, 32, torch.float16, g, 0)
+    starts, cnts = [7, 32], [80, 128]
+    plan = dispatch.make_plan(k_part, v_part, starts, cnts, torch.device("cpu"))
+    assert plan.fold_k and plan.half_v and plan.k.group % ta.BLOCK_N == 0
+    q = _randn(2, 8, d, g=g, dtype=torch.float16)
+    o64, l64, s64 = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
+    out, lse, s = dispatch.partial_attention_parts(q, k_part, v_part, d ** -0.5, starts, cnts, True, "triton")
+    assert relerr(out, o64) < TOL[torch.float16]
+    fin = torch.isfinite(s64)
+    assert torch.equal(torch.isinf(s), ~fin) and relerr(s[fin], s64[fin]) < TOL[torch.float16]
+
+
+def test_folded_keys_over_many_bias_chunks():
+    """One split over 40 tiles (three chunks of per-block q.zero biases), starting and ending mid-block."""
+    g = _gen(12)
+    counts, d = (1312,), 64
+    k_part = _make("C", counts, d, 4, 32, torch.float16, g, 0)
+    v_part = _make("T", counts, d, 2, 32, torch.float16, g, 0)
+    starts, cnts = [7], [1290]
+    plan = dispatch.make_plan(k_part, v_part, starts, cnts, torch.device("cpu"), nsplit=1)
+    assert plan.fold_k
+    q = _randn(1, 4, d, g=g, dtype=torch.float16)
+    o64, l64, _ = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
+    from kernels.triton_attention import attend_pairs
+
+    out, lse = attend_pairs(q, [plan], d ** -0.5)
+    assert relerr(out, o64) < TOL[torch.float16]
+    assert float((lse.double() - l64).abs().max()) < 1e-1
