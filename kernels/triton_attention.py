@@ -31,7 +31,9 @@ BLOCK_O = int(os.environ.get("KV_BLOCK_O", 16))
 NUM_WARPS = int(os.environ.get("KV_WARPS", 2))
 NUM_STAGES = int(os.environ.get("KV_STAGES", 2))
 PROGRAMS_PER_SM = int(os.environ.get("KV_PROGRAMS_PER_SM", 32))
-# pairs with a packed part: one warp per program and twice the programs (H100 sweep: -10% at 32k vs 2 warps)
+# pairs with a packed part read by the fast loaders and no outliers (KIVI-like): one warp per program and twice the
+# programs (H100 sweep at 32k: -10% vs 2 warps); pairs with outliers or general-path loaders (QAQ's mix) keep 2 warps,
+# 32 programs/SM (same sweep: 4.1 ms vs 5.2 ms with 1 warp)
 PACKED_WARPS = int(os.environ.get("KV_PACKED_WARPS", 1))
 PACKED_PROGRAMS_PER_SM = int(os.environ.get("KV_PACKED_PROGRAMS_PER_SM", 64))
 FOLD_K = os.environ.get("KV_FOLD_K", "1") == "1"  # per-channel keys: scales folded into q (tile = raw codes)
@@ -245,7 +247,8 @@ class PairPlan:
         self.k, self.v, self.n_heads = kspec, vspec, len(cnt)
         self.max_cnt = max(cnt) if cnt else 0
         device = device if device is not None else _device_of(kspec)
-        self.packed = kspec.fmt != DENSE or vspec.fmt != DENSE
+        simple = all(sp.fmt == DENSE or (sp.fast and not sp.has_out) for sp in (kspec, vspec))
+        self.packed = (kspec.fmt != DENSE or vspec.fmt != DENSE) and simple
         pps = PACKED_PROGRAMS_PER_SM if self.packed else PROGRAMS_PER_SM
         self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), self.max_cnt, device, 4, pps)
         self.col_base, self.newr = col_base, newr

@@ -318,3 +318,22 @@ def test_folded_keys_over_many_bias_chunks():
     out, lse = attend_pairs(q, [plan], d ** -0.5)
     assert relerr(out, o64) < TOL[torch.float16]
     assert float((lse.double() - l64).abs().max()) < 1e-1
+
+
+def test_launch_config_by_pair_kind():
+    """The 1-warp launch is for fast, outlier-free packed pairs (KIVI); outliers, general-path loaders (3-bit) and
+    dense pairs keep the default launch (the H100 sweep in leaderboards/kernels-h100.md)."""
+    g = _gen(13)
+    counts, d = (64, 64), 64
+    cpu = torch.device("cpu")
+
+    def plan(kf, kb, vf, vb, outl):
+        k = _make(kf, counts, d, kb, 32, torch.float16, g, outl if kf == "T" else 0)
+        v = _make(vf, counts, d, vb, 32, torch.float16, g, outl if vf == "T" else 0)
+        return dispatch.make_plan(k, v, [0, 0], list(counts), cpu)
+
+    assert plan("C", 2, "T", 2, 0).packed
+    assert plan("T", 4, "T", 8, 0).packed
+    assert not plan("T", 2, "T", 2, 10).packed  # outliers
+    assert not plan("T", 3, "T", 4, 0).packed  # 3-bit: general loader
+    assert not plan("D", 0, "D", 0, 0).packed
