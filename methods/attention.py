@@ -281,6 +281,9 @@ class LayerAttention:
         if want:
             stats = StepStats([r[0] for r in seg_stats], [r[1] for r in seg_stats], [r[2] for r in seg_stats], lq)
         self.method.on_append(store, stats)
+        # plans keep their parts alive: drop those of segments the method replaced, so memory is the store's alone
+        live = {id(seg): seg for seg in store.segments}
+        self.plans = {k: sp for k, sp in self.plans.items() if k in live and sp.fits(live[k])}
         return out.reshape(hq, lq, d)
 
 

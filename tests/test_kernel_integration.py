@@ -72,3 +72,21 @@ def test_decode_does_not_recompile_as_the_cache_grows():
     run_cache(model, methods.parse_spec("full"), ids, n_decode=60)
     after = sum(len(c[0]) for c in caches.values())
     assert after - before <= 1, (before, after)
+
+
+@pytest.mark.parametrize("spec", ["qaq:decode_batch=1", "h2o:budget=0.5", "kivi:bits=2,group=16,residual=16"])
+def test_plan_cache_holds_only_live_parts(spec):
+    """After every decode step the Triton plan cache refers only to parts of the store's current segments (replaced
+    segments must not be kept alive by their plans: the memory is the store's alone)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llama(4, 2, layers=2, head_dim=32).to(dev)
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(8)).to(dev)
+    set_backend("triton")
+    cache, _ = run_cache(model, methods.parse_spec(spec), ids, n_decode=6)
+    for layer in cache.layers:
+        live = {id(p) for seg in layer.store.segments for p in seg.k + seg.v}
+        cached = [p for sp in layer.attn.plans.values() for p in sp.parts]
+        assert all(id(p) in live for p in cached)
+        assert len(layer.attn.plans) <= len(layer.store.segments)
+        if spec.startswith("qaq"):  # its packed segments outlive a step, so their plans are reused
+            assert cached
