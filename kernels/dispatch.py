@@ -136,8 +136,7 @@ def _reference_parts(q, k_part, v_part, scale, starts, counts, want_scores):
     return out, lse, (s if want_scores else None)
 
 
-def make_plan(k_part, v_part, row_start, row_count, device: torch.device, nsplit: int | None = None, col=None,
-              col_base: int = 0, newr: int = 0):
+def make_plan(k_part, v_part, row_start, row_count, device: torch.device, nsplit: int | None = None):
     """A :class:`kernels.triton_attention.PairPlan` for one part-pair (reusable across decode steps).
 
     ``row_start`` is per head, relative to the head's first row in each part (the same in K and V).
@@ -149,8 +148,8 @@ def make_plan(k_part, v_part, row_start, row_count, device: torch.device, nsplit
     ko, vo = _offsets(k_part.counts), _offsets(v_part.counts)
     H = len(counts)
     return PairPlan(PartSpec(k_part, outlier_csr(k_part)), PartSpec(v_part, outlier_csr(v_part)),
-                    [ko[h] + starts[h] for h in range(H)], [vo[h] + starts[h] for h in range(H)], counts, col,
-                    nsplit, col_base, newr, device)
+                    [ko[h] + starts[h] for h in range(H)], [vo[h] + starts[h] for h in range(H)], counts,
+                    nsplit=nsplit, device=device)
 
 
 def partial_attention_parts(q: torch.Tensor, k_part, v_part, scale: float, row_start, row_count,

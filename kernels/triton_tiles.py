@@ -175,9 +175,14 @@ def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dma
         NG: tl.constexpr = D // GROUP
         if BITS == 0:
             x = tl.load(zero + rows[:, None] * NG + (offs_d // GROUP)[None, :], mask=m2, other=0.0).to(tl.float32)
-        elif FAST == 2:
+        elif FAST:
             w = tl.load(data + rows[:, None] * WPR + tl.arange(0, WPR)[None, :], mask=rmask[:, None], other=0)
-            c3 = tl.reshape(expand_codes(w, BITS, PER), (BLOCK_N, NG, GROUP))
+            if FAST == 2:
+                c = expand_codes(w, BITS, PER)
+            else:
+                sh = tl.arange(0, PER) * BITS
+                c = tl.reshape((w[:, :, None] >> sh[None, None, :]) & MASK, (BLOCK_N, BLOCK_D))
+            c3 = tl.reshape(c, (BLOCK_N, NG, GROUP))
             g = tl.arange(0, NG)
             sc = tl.load(scale + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0)
             zr = tl.load(zero + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0)
@@ -186,20 +191,6 @@ def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dma
             else:
                 x3 = c3.to(tl.float32) * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]
             x = tl.reshape(x3, (BLOCK_N, BLOCK_D))
-        elif FAST:
-            w = tl.load(data + rows[:, None] * WPR + tl.arange(0, WPR)[None, :], mask=rmask[:, None], other=0)
-            sh = tl.arange(0, PER) * BITS
-            c = (w[:, :, None] >> sh[None, None, :]) & MASK
-            c = tl.reshape(c, (BLOCK_N, BLOCK_D))
-            g = tl.arange(0, NG)
-            sc = tl.load(scale + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-            zr = tl.load(zero + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-            sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_D))
-            zr = tl.reshape(tl.broadcast_to(zr[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, BLOCK_D))
-            if HALF:
-                x = c.to(tl.float16) * sc.to(tl.float16) + zr.to(tl.float16)
-            else:
-                x = c.to(tl.float32) * sc + zr
         else:
             w = tl.load(data + rows[:, None] * WPR + (offs_d // PER)[None, :], mask=m2, other=0)
             c = (w >> ((offs_d % PER) * BITS)[None, :]) & MASK
