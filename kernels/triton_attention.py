@@ -20,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_tiles import CHANNEL, DENSE, TOKEN, PartSpec, channel_codes, channel_codes_t, load_tile, new_empty
+from kernels.triton_tiles import (
+    CHANNEL,
+    DENSE,
+    TOKEN,
+    PartSpec,
+    channel_codes,
+    channel_codes_t,
+    channel_half_t,
+    load_tile,
+    new_empty,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -35,8 +45,13 @@ PROGRAMS_PER_SM = int(os.environ.get("KV_PROGRAMS_PER_SM", 32))
 # programs (H100 sweep at 32k: -10% vs 2 warps); pairs with outliers or general-path loaders (QAQ's mix) keep 2 warps,
 # 32 programs/SM (same sweep: 4.1 ms vs 5.2 ms with 1 warp)
 PACKED_WARPS = int(os.environ.get("KV_PACKED_WARPS", 1))
-PACKED_PROGRAMS_PER_SM = int(os.environ.get("KV_PACKED_PROGRAMS_PER_SM", 64))
+PACKED_PROGRAMS_PER_SM = int(os.environ.get("KV_PACKED_PROGRAMS_PER_SM", 16))
+PACKED_STAGES = int(os.environ.get("KV_PACKED_STAGES", 3))
 FOLD_K = os.environ.get("KV_FOLD_K", "1") == "1"  # per-channel keys: scales folded into q (tile = raw codes)
+# fp16 caches: dequantize per-channel keys in fp16 too (instead of folding), and on GPUs turn codes into fp16 with the
+# inline-PTX pair trick of triton_tiles.pair_dequant (H100, 32k: KIVI 2/4-bit 362/377 -> see kernels/NOTES.md)
+HALF_K = os.environ.get("KV_HALF_K", "1") == "1"
+PAIR_DEQUANT = os.environ.get("KV_PAIR", "1") == "1"
 HALF_V = os.environ.get("KV_HALF_V", "1") == "1"  # per-token values of fp16 caches dequantized in fp16
 
 
@@ -57,7 +72,8 @@ def _attn_split_kernel(
     V_FAST: tl.constexpr, V_HAS_OUT: tl.constexpr, V_IEEE: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
     UNIFORM: tl.constexpr, ALIGN: tl.constexpr, WANT_SCORES: tl.constexpr, F32: tl.constexpr,
-    K_FOLD: tl.constexpr, V_HALF: tl.constexpr, BIAS_CHUNK: tl.constexpr = 16,
+    K_FOLD: tl.constexpr, V_HALF: tl.constexpr, K_HALF: tl.constexpr = False, PAIR_ASM: tl.constexpr = False,
+    BIAS_CHUNK: tl.constexpr = 16,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -91,7 +107,7 @@ def _attn_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     for tc in range(t_lo, t_hi, BIAS_CHUNK):
-        if K_FOLD:
+        if K_FOLD and not K_HALF:
             # q.zero of the next BIAS_CHUNK tiles' key blocks in one small dot (instead of a reduction per tile)
             tt = tc + tl.arange(0, BIAS_CHUNK)
             zb = (abeg + tt * BLOCK_N) // K_GROUP
@@ -105,7 +121,13 @@ def _attn_split_kernel(
             t0 = abeg + t * BLOCK_N
             krows = t0 + tl.arange(0, BLOCK_N)
             rmask = (krows >= kbeg) & (krows < kbeg + cnt)
-            if K_FOLD:
+            if K_HALF:
+                # per-channel keys of an fp16 cache, one quantization block per tile, dequantized in fp16 (by inline
+                # PTX on GPUs: no int-to-float conversions)
+                kt = channel_half_t(k_data, k_scale, k_zero, t0, k_nrows, offs_d, dmask, K_BITS, K_GROUP, K_PER, K_WPR,
+                                    D, BLOCK_N, PAIR_ASM)
+                s = tl.dot(q, kt)
+            elif K_FOLD:
                 # per-channel keys, one quantization block per tile: q.(c*scale + zero) = (q*scale).c + q.zero, so the
                 # tile stays raw codes (exact in fp16) and the scales touch only the M query rows
                 blk = t0 // K_GROUP
@@ -140,7 +162,7 @@ def _attn_split_kernel(
             v0 = t0 - kbeg + vbeg
             v = load_tile(v_data, v_scale, v_zero, v_optr, v_oidx, v_oval, v0, v_nrows, rmask, offs_d, dmask,
                           V_FMT, V_BITS, V_GROUP, V_PER, V_WPR, V_FAST, V_HAS_OUT, V_IEEE, D, BLOCK_N, BLOCK_D, BLOCK_O,
-                          V_HALF)
+                          V_HALF, V_HALF and PAIR_ASM and V_GROUP % V_PER == 0)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query may see no row of a tile (causal tail)
             alpha = tl.exp2(m_i - m_safe)
@@ -285,7 +307,9 @@ def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_o
         BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, UNIFORM=plan.uniform, ALIGN=plan.align, WANT_SCORES=want,
         F32=q.dtype == torch.float32, K_FOLD=FOLD_K and plan.fold_k and plan.k.group % BLOCK_N == 0,
         V_HALF=HALF_V and plan.half_v and q.dtype == torch.float16,
-        num_warps=PACKED_WARPS if plan.packed else NUM_WARPS, num_stages=NUM_STAGES,
+        K_HALF=HALF_K and plan.fold_k and plan.k.group % BLOCK_N == 0 and q.dtype == torch.float16,
+        PAIR_ASM=PAIR_DEQUANT and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        num_warps=PACKED_WARPS if plan.packed else NUM_WARPS, num_stages=PACKED_STAGES if plan.packed else NUM_STAGES,
     )
 
 

@@ -121,6 +121,115 @@ def expand_codes(w, BITS: tl.constexpr, PER: tl.constexpr):
     return tl.reshape(c, (w.shape[0], w.shape[1] * PER))
 
 
+def _pair_asm(bits: int) -> str:
+    """PTX for :func:`pair_dequant`: operands ``$0 .. $PER-1`` out (fp16, code order), ``$PER`` the int32 word,
+    ``$PER+1`` / ``$PER+2`` its fp16 scale and zero.
+
+    Codes ``i`` and ``i + PER/2`` sit 16 bits apart, so one ``lop3`` ((w >> i*bits) & mask) | 0x6400 in both halves)
+    turns them into the fp16 pair (1024 + code_i, 1024 + code_{i+PER/2}) (0x6400 = 1024.0, whose mantissa ulp is 1), one
+    ``sub.f16x2`` removes the 1024 exactly and one ``fma.rn.f16x2`` applies scale and zero: 2 instructions per 2 codes
+    plus a shift, and no int-to-float conversion (a quarter-rate instruction on Hopper)."""
+    per, half, mask = 32 // bits, 16 // bits, (1 << bits) - 1
+    asm = ["{", ".reg .b32 t, s2, z2, k, m;", f"mov.b32 s2, {{${per + 1}, ${per + 1}}};",
+           f"mov.b32 z2, {{${per + 2}, ${per + 2}}};", "mov.b32 k, 0x64006400;", f"mov.b32 m, {mask | mask << 16};"]
+    for i in range(half):
+        src = f"${per}"
+        if i:
+            asm.append(f"shr.u32 t, ${per}, {bits * i};")
+            src = "t"
+        asm += [f"lop3.b32 t, {src}, m, k, 0xEA;", "sub.f16x2 t, t, k;", "fma.rn.f16x2 t, t, s2, z2;",
+                f"mov.b32 {{${i}, ${i + half}}}, t;"]
+    return "\n".join(asm + ["}"])
+
+
+def _pair_constraints(bits: int) -> str:
+    return ",".join(["=h"] * (32 // bits) + ["r", "h", "h"])
+
+
+PAIR_ASM_1: tl.constexpr = tl.constexpr(_pair_asm(1))
+PAIR_ASM_2: tl.constexpr = tl.constexpr(_pair_asm(2))
+PAIR_ASM_4: tl.constexpr = tl.constexpr(_pair_asm(4))
+PAIR_ASM_8: tl.constexpr = tl.constexpr(_pair_asm(8))
+PAIR_CON_1: tl.constexpr = tl.constexpr(_pair_constraints(1))
+PAIR_CON_2: tl.constexpr = tl.constexpr(_pair_constraints(2))
+PAIR_CON_4: tl.constexpr = tl.constexpr(_pair_constraints(4))
+PAIR_CON_8: tl.constexpr = tl.constexpr(_pair_constraints(8))
+
+
+@triton.jit
+def _n2(r, o: tl.constexpr, st: tl.constexpr):
+    return tl.join(r[o], r[o + st])
+
+
+@triton.jit
+def _n4(r, o: tl.constexpr, st: tl.constexpr):
+    return tl.join(_n2(r, o, 2 * st), _n2(r, o + st, 2 * st))
+
+
+@triton.jit
+def _n8(r, o: tl.constexpr, st: tl.constexpr):
+    return tl.join(_n4(r, o, 2 * st), _n4(r, o + st, 2 * st))
+
+
+@triton.jit
+def _n16(r, o: tl.constexpr, st: tl.constexpr):
+    return tl.join(_n8(r, o, 2 * st), _n8(r, o + st, 2 * st))
+
+
+@triton.jit
+def _n32(r, o: tl.constexpr, st: tl.constexpr):
+    return tl.join(_n16(r, o, 2 * st), _n16(r, o + st, 2 * st))
+
+
+@triton.jit
+def pair_dequant(w, sc, zr, BITS: tl.constexpr):
+    """int32 words and their fp16 scale and zero (all three the same shape) -> fp16 ``[*w.shape, 32 // BITS]``,
+    ``code * scale + zero`` in code order, by the inline PTX of :func:`_pair_asm` (NVIDIA GPUs only; the callers use
+    plain Triton under the interpreter)."""
+    if BITS == 1:
+        r = tl.inline_asm_elementwise(PAIR_ASM_1, PAIR_CON_1, [w, sc, zr], dtype=(tl.float16,) * 32, is_pure=True,
+                                      pack=1)
+        x = _n32(r, 0, 1)
+    elif BITS == 2:
+        r = tl.inline_asm_elementwise(PAIR_ASM_2, PAIR_CON_2, [w, sc, zr], dtype=(tl.float16,) * 16, is_pure=True,
+                                      pack=1)
+        x = _n16(r, 0, 1)
+    elif BITS == 4:
+        r = tl.inline_asm_elementwise(PAIR_ASM_4, PAIR_CON_4, [w, sc, zr], dtype=(tl.float16,) * 8, is_pure=True,
+                                      pack=1)
+        x = _n8(r, 0, 1)
+    else:
+        r = tl.inline_asm_elementwise(PAIR_ASM_8, PAIR_CON_8, [w, sc, zr], dtype=(tl.float16,) * 4, is_pure=True,
+                                      pack=1)
+        x = _n4(r, 0, 1)
+    return x
+
+
+@triton.jit
+def channel_half_t(data, scale, zero, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: tl.constexpr,
+                   PER: tl.constexpr, WPR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """fp16 ``K^T`` tile ``[BLOCK_D, BLOCK_N]`` of ChannelQuant rows ``t0 + arange(BLOCK_N)`` inside one quantization
+    block (``t0`` a multiple of ``BLOCK_N``, ``GROUP`` a multiple of ``BLOCK_N``), dequantized in fp16: by
+    :func:`pair_dequant` when ``ASM``, else codes from :func:`channel_codes_t` times scale plus zero."""
+    NW: tl.constexpr = BLOCK_N // PER
+    blk = t0 // GROUP
+    sc = tl.load(scale + blk * D + offs_d, mask=dmask, other=0.0).to(tl.float16)
+    zr = tl.load(zero + blk * D + offs_d, mask=dmask, other=0.0).to(tl.float16)
+    if ASM:
+        wrow = t0 + tl.arange(0, NW) * PER
+        tw = (wrow % GROUP) // PER
+        wm = (wrow >= 0) & (wrow < nrows)
+        w = tl.load(data + (blk * D + offs_d[:, None]) * WPR + tw[None, :], mask=dmask[:, None] & wm[None, :],
+                    other=0)
+        x = pair_dequant(w, tl.broadcast_to(sc[:, None], (offs_d.shape[0], NW)),
+                         tl.broadcast_to(zr[:, None], (offs_d.shape[0], NW)), BITS)
+        x = tl.reshape(x, (offs_d.shape[0], BLOCK_N))
+    else:
+        c = channel_codes_t(data, t0, nrows, offs_d, dmask, BITS, GROUP, PER, WPR, D, BLOCK_N)
+        x = c.to(tl.float16) * sc[:, None] + zr[:, None]
+    return x
+
+
 @triton.jit
 def channel_codes_t(data, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: tl.constexpr, PER: tl.constexpr,
                     WPR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -158,10 +267,12 @@ def channel_codes(data, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: tl.
 def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dmask,
               FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, PER: tl.constexpr, WPR: tl.constexpr,
               FAST: tl.constexpr, HAS_OUT: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, HALF: tl.constexpr = False):
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, HALF: tl.constexpr = False,
+              PAIR: tl.constexpr = False):
     """Float32 tile of rows ``t0 + arange(BLOCK_N)`` (int64 ``t0``) of one part; see the module docstring.
 
-    ``HALF`` (TokenQuant fast path without outliers): dequantize in float16 instead.
+    ``HALF`` (TokenQuant fast path without outliers): dequantize in float16 instead; ``PAIR`` (also needs ``GROUP``
+    a multiple of ``PER`` and a GPU): the same with :func:`pair_dequant`.
 
     ``WPR``: int32 words per row (TokenQuant) or per channel of a block (ChannelQuant); ``PER``: codes per word.
     ``FAST`` for ChannelQuant also needs ``t0`` to be a multiple of ``PER``.
@@ -186,7 +297,12 @@ def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dma
             g = tl.arange(0, NG)
             sc = tl.load(scale + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0)
             zr = tl.load(zero + rows[:, None] * NG + g[None, :], mask=rmask[:, None], other=0.0)
-            if HALF:
+            if PAIR:  # fp16 by inline PTX (see pair_dequant); needs GROUP a multiple of PER
+                WPG: tl.constexpr = WPR // NG
+                shp: tl.constexpr = (BLOCK_N, NG, WPG)
+                x3 = pair_dequant(tl.reshape(w, shp), tl.broadcast_to(sc.to(tl.float16)[:, :, None], shp),
+                                  tl.broadcast_to(zr.to(tl.float16)[:, :, None], shp), BITS)
+            elif HALF:
                 x3 = c3.to(tl.float16) * sc.to(tl.float16)[:, :, None] + zr.to(tl.float16)[:, :, None]
             else:
                 x3 = c3.to(tl.float32) * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]

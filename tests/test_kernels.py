@@ -275,16 +275,20 @@ def test_reference_on_cuda_scale_ulp():
     print("reference on CUDA vs CPU: scales differing:", int((s_gpu.cpu() != s_cpu).sum()), "of", s_cpu.numel())
 
 
-@pytest.mark.parametrize("fold,half,join", [(True, True, True), (False, False, True), (True, False, False),
-                                            (False, True, False), (True, True, False)])
-def test_folded_keys_and_half_values_match_float64(fold, half, join, monkeypatch):
-    """KIVI-like pair in fp16 (per-channel K, per-token V, no outliers): the folded-scale key path and the fp16
-    value dequantization are taken (checked on the plan) and agree with float64 like the plain path, with either
-    word expansion (nested joins or broadcast shift + reshape)."""
+@pytest.mark.parametrize("fold,half,join,halfk", [(True, True, True, False), (False, False, True, False),
+                                                  (True, False, False, False), (False, True, False, False),
+                                                  (True, True, False, False), (True, True, True, True),
+                                                  (False, False, True, True)])
+def test_folded_keys_and_half_values_match_float64(fold, half, join, halfk, monkeypatch):
+    """KIVI-like pair in fp16 (per-channel K, per-token V, no outliers): the folded-scale key path, the fp16 key
+    path (``halfk``, the default; inline-PTX pairs on GPUs) and the fp16 value dequantization are taken (checked on
+    the plan) and agree with float64 like the plain path, with either word expansion (nested joins or broadcast
+    shift + reshape)."""
     from kernels import triton_attention as ta
     from kernels import triton_tiles
 
     monkeypatch.setattr(ta, "FOLD_K", fold)
+    monkeypatch.setattr(ta, "HALF_K", halfk)
     monkeypatch.setattr(ta, "HALF_V", half)
     monkeypatch.setattr(triton_tiles, "JOIN_LOADERS", join)
     g = _gen(11)
@@ -300,6 +304,30 @@ def test_folded_keys_and_half_values_match_float64(fold, half, join, monkeypatch
     assert relerr(out, o64) < TOL[torch.float16]
     fin = torch.isfinite(s64)
     assert torch.equal(torch.isinf(s), ~fin) and relerr(s[fin], s64[fin]) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("kbits,vbits", [(1, 8), (2, 2), (4, 4), (8, 1), (2, 4)])
+@pytest.mark.parametrize("pair", [True, False])
+def test_half_dequant_every_bit_width(kbits, vbits, pair, monkeypatch):
+    """The fp16 key and value paths (on GPUs with and without the inline-PTX pair dequantization) at every bit width
+    with a fast layout: ragged heads starting and ending mid-block, d=128, against float64 (on CPU both variants run
+    the plain-Triton path: inline PTX needs a GPU)."""
+    from kernels import triton_attention as ta
+    from kernels.triton_attention import attend_pairs
+
+    monkeypatch.setattr(ta, "PAIR_DEQUANT", pair)
+    g = _gen(21 + kbits + 10 * vbits)
+    counts, d = (160, 96), 128
+    k_part = _make("C", counts, d, kbits, 32, torch.float16, g, 0)
+    v_part = _make("T", counts, d, vbits, 32, torch.float16, g, 0)
+    starts, cnts = [5, 32], [150, 61]
+    plan = dispatch.make_plan(k_part, v_part, starts, cnts, DEV)
+    assert plan.fold_k and plan.half_v
+    q = _randn(2, 4, d, g=g, dtype=torch.float16)
+    o64, l64, _ = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
+    out, lse = attend_pairs(q, [plan], d ** -0.5)
+    assert relerr(out, o64) < TOL[torch.float16]
+    assert float((lse.double() - l64.to(lse.device)).abs().max()) < 1e-1
 
 
 def test_folded_keys_over_many_bias_chunks():
