@@ -89,8 +89,23 @@ def dequant_reference(part) -> torch.Tensor:
     return x
 
 
-def outlier_csr(part) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Outliers of a TokenQuant part sorted by flat index with a per-row pointer ``[n+1]`` (cached on the part).
+def _outlier_deltas(part, sidx: torch.Tensor, sval: torch.Tensor, d: int) -> torch.Tensor:
+    """float32 ``value - dequantized code`` at each outlier position (what the attention kernel adds to the scores and
+    to the output instead of patching the tile)."""
+    row, col = (sidx.long() // d), (sidx.long() % d)
+    grp = col // int(part.group)
+    base = part.zero[row, grp].float()
+    if part.nbits:
+        per = ref.codes_per_word(part.nbits)
+        word = part.words[row, col // per]
+        code = (word >> (col % per * part.nbits).to(torch.int32)) & ((1 << part.nbits) - 1)
+        base = base + code.float() * part.scale[row, grp].float()
+    return (sval.float() - base).contiguous()
+
+
+def outlier_csr(part) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Outliers of a TokenQuant part sorted by flat index with a per-row pointer ``[n+1]`` and each outlier's float32
+    difference to the dequantized code at its position (cached on the part).
 
     Built once per outlier tensor (a sort of the ``m`` outliers); later calls reuse it while ``out_idx`` is the same
     tensor object.
@@ -107,7 +122,7 @@ def outlier_csr(part) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     sval = part.out_val[order].contiguous()
     bounds = torch.arange(n + 1, device=idx.device, dtype=torch.int64) * d
     ptr = torch.searchsorted(sidx.long(), bounds).to(torch.int32)
-    csr = (sidx, sval, ptr)
+    csr = (sidx, sval, ptr, _outlier_deltas(part, sidx, sval, d))
     try:
         object.__setattr__(part, "_kernel_csr", (idx, csr))
     except (AttributeError, TypeError):

@@ -30,6 +30,7 @@ from kernels.triton_tiles import (
     channel_half_t,
     load_tile,
     new_empty,
+    outlier_corrections,
 )
 
 LOG2E = 1.4426950408889634
@@ -53,6 +54,10 @@ FOLD_K = os.environ.get("KV_FOLD_K", "1") == "1"  # per-channel keys: scales fol
 HALF_K = os.environ.get("KV_HALF_K", "1") == "1"
 PAIR_DEQUANT = os.environ.get("KV_PAIR", "1") == "1"
 HALF_V = os.environ.get("KV_HALF_V", "1") == "1"  # per-token values of fp16 caches dequantized in fp16
+# sparse outliers added as corrections to the scores / output (small dots per 16 outliers) instead of patched into
+# the [BLOCK_N, d] tiles; lets outlier parts use the fast fp16 value paths
+CORRECT_OUTLIERS = os.environ.get("KV_CORR", "1") == "1"
+CORR_PACKED = os.environ.get("KV_CORR_PACKED", "0") == "1"  # corrected pairs take the 1-warp packed launch
 
 
 # sizes are runtime values: specialising on them (== 1, multiple of 16) would recompile as a decode cache grows
@@ -73,6 +78,7 @@ def _attn_split_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
     UNIFORM: tl.constexpr, ALIGN: tl.constexpr, WANT_SCORES: tl.constexpr, F32: tl.constexpr,
     K_FOLD: tl.constexpr, V_HALF: tl.constexpr, K_HALF: tl.constexpr = False, PAIR_ASM: tl.constexpr = False,
+    K_CORR: tl.constexpr = False, V_CORR: tl.constexpr = False,
     BIAS_CHUNK: tl.constexpr = 16,
 ):
     h = tl.program_id(0)
@@ -153,6 +159,10 @@ def _attn_split_kernel(
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
                     s = tl.dot(q, tl.trans(k.to(q.dtype)))
+                if K_CORR:  # outliers as corrections of the scores (the tile was not patched)
+                    qrow = q_ptr + (h * M + tl.minimum(offs_m, M - 1))[:, None] * D
+                    s = outlier_corrections(s, qrow, k_optr, k_oidx, k_oval, t0, k_nrows, 1, D, BLOCK_N, BLOCK_D,
+                                            BLOCK_O, K_IEEE)
             see = rmask[None, :] & ((krows - new0)[None, :] <= (offs_m % LQ)[:, None])
             s = tl.where(see, s * qk_scale, float("-inf"))
             if WANT_SCORES:
@@ -173,6 +183,9 @@ def _attn_split_kernel(
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m_i = m_new
+            if V_CORR:  # outliers as corrections of the output (the tile was not patched)
+                acc = outlier_corrections(acc, p, v_optr, v_oidx, v_oval, v0, v_nrows, 0, D, BLOCK_N, BLOCK_D, BLOCK_O,
+                                          V_IEEE)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -269,7 +282,11 @@ class PairPlan:
         self.k, self.v, self.n_heads = kspec, vspec, len(cnt)
         self.max_cnt = max(cnt) if cnt else 0
         device = device if device is not None else _device_of(kspec)
-        simple = all(sp.fmt == DENSE or (sp.fast and not sp.has_out) for sp in (kspec, vspec))
+        self.k_corr = CORRECT_OUTLIERS and kspec.has_out and kspec.odelta is not None
+        self.v_corr = CORRECT_OUTLIERS and vspec.has_out and vspec.odelta is not None
+        corr = {id(kspec): self.k_corr, id(vspec): self.v_corr}
+        simple = all(sp.fmt == DENSE or (sp.fast and (not sp.has_out or (corr[id(sp)] and CORR_PACKED)))
+                     for sp in (kspec, vspec))
         self.packed = (kspec.fmt != DENSE or vspec.fmt != DENSE) and simple
         pps = PACKED_PROGRAMS_PER_SM if self.packed else PROGRAMS_PER_SM
         self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), self.max_cnt, device, 4, pps)
@@ -285,10 +302,15 @@ class PairPlan:
         k_fast = kspec.fast and (kspec.fmt != CHANNEL or BLOCK_N % kspec.per == 0)
         self.align = BLOCK_N if kspec.fmt == CHANNEL and k_fast else 1
         v_fast = vspec.fast and vspec.fmt != CHANNEL
-        self.consts = {**kspec.consts("K_", k_fast), **vspec.consts("V_", v_fast)}
+        self.consts = {**kspec.consts("K_", k_fast), **vspec.consts("V_", v_fast), "K_CORR": self.k_corr,
+                       "V_CORR": self.v_corr}
+        if self.k_corr:
+            self.consts["K_HAS_OUT"] = False
+        if self.v_corr:
+            self.consts["V_HAS_OUT"] = False
         self.fold_k = k_fast and kspec.fmt == CHANNEL and not kspec.has_out  # and one block per tile
-        self.half_v = v_fast and vspec.fmt == TOKEN and not vspec.has_out and vspec.bits > 0
-        self.args = (*kspec.args(), *vspec.args())
+        self.half_v = v_fast and vspec.fmt == TOKEN and (not vspec.has_out or self.v_corr) and vspec.bits > 0
+        self.args = (*kspec.args(self.k_corr), *vspec.args(self.v_corr))
 
 
 def _device_of(spec: PartSpec) -> torch.device:

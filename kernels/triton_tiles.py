@@ -16,6 +16,8 @@ Outliers (TokenQuant) are stored sorted by flat index with a per-row pointer (CS
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,9 @@ TOKEN = 1
 CHANNEL = 2
 FAST_PATHS = True  # False forces the general (gathered-word) loaders everywhere; for benchmarks and tests
 JOIN_LOADERS = True  # fast loaders expand words with nested tl.join (codes of a word stay in one thread)
+# general TokenQuant path (e.g. 3-bit, 10 codes per word): load a row's words once and pick each channel's word with
+# tl.gather, instead of one global load per element (read at import; KV_GATHER=0 for A/B runs)
+GATHER_WORDS: tl.constexpr = tl.constexpr(os.environ.get("KV_GATHER", "1") == "1")
 POISON = False  # tests set this: outputs start as NaN (floats) or 0x5A5A5A5A (ints), so unwritten elements show
 
 
@@ -69,7 +74,48 @@ def _scatter_outliers(x, optr, oidx, oval, t0, nrows, offs_d, D: tl.constexpr, B
         else:
             dv = tl.dot(selt, cv, input_precision="tf32")
         dm = tl.dot(selt, cm, input_precision="tf32")
-        x = tl.where(dm > 0.5, dv, x)
+        x = tl.where(dm > 0.5, dv.to(x.dtype), x)  # outlier values are cache-dtype numbers: exact
+    return x
+
+
+@triton.jit
+def outlier_corrections(x, a, optr, oidx, odel, t0, nrows, ROWS_AXIS: tl.constexpr, D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, IEEE: tl.constexpr):
+    """Add the sparse outliers of rows ``t0 .. t0+BLOCK_N`` of a part to a product with its (un-patched) tile.
+
+    ``ROWS_AXIS == 1`` (keys): ``x`` = scores ``[BM, BLOCK_N]``, ``a`` = pointers ``[BM, 1]`` to each query row;
+    adds ``q[:, c] * delta`` at column ``r``.
+    ``ROWS_AXIS == 0`` (values): ``x`` = output accumulator ``[BM, BLOCK_D]``, ``a`` = probabilities ``[BM, BLOCK_N]``;
+    adds ``p[:, r] * delta`` at column ``c``. ``delta`` = outlier value - dequantized code (``odel``). Two or one
+    small dots per ``BLOCK_O`` outliers instead of patching the ``[BLOCK_N, d]`` tile."""
+    first = tl.maximum(t0, 0)
+    last = tl.minimum(tl.maximum(t0 + BLOCK_N, 0), nrows)
+    o_lo = tl.load(optr + first).to(tl.int64)
+    o_hi = tl.load(optr + tl.maximum(last, first)).to(tl.int64)
+    cols_n = tl.arange(0, BLOCK_N)
+    for o in range(o_lo, o_hi, BLOCK_O):
+        j = o + tl.arange(0, BLOCK_O)
+        jm = j < o_hi
+        idx = tl.load(oidx + j, mask=jm, other=0).to(tl.int64)
+        dl = tl.load(odel + j, mask=jm, other=0.0)
+        r = idx // D - t0
+        c = idx % D
+        if ROWS_AXIS == 1:
+            qg = tl.load(a + c[None, :], mask=jm[None, :], other=0.0).to(tl.float32)  # [BM, BO]
+            rr = tl.where((r[:, None] == cols_n[None, :]) & jm[:, None], dl[:, None], 0.0)  # [BO, BN]
+            if IEEE:
+                x += tl.dot(qg, rr, input_precision="ieee")
+            else:
+                x += tl.dot(qg, rr, input_precision="tf32")
+        else:
+            sel = ((r[None, :] == cols_n[:, None]) & jm[None, :]).to(tl.float32)  # [BN, BO]
+            cc = tl.where((c[:, None] == tl.arange(0, BLOCK_D)[None, :]) & jm[:, None], dl[:, None], 0.0)  # [BO, BD]
+            if IEEE:
+                pg = tl.dot(a, sel, input_precision="ieee")  # p at each outlier's row: [BM, BO]
+                x += tl.dot(pg, cc, input_precision="ieee")
+            else:
+                pg = tl.dot(a, sel, input_precision="tf32")
+                x += tl.dot(pg, cc, input_precision="tf32")
     return x
 
 
@@ -264,6 +310,17 @@ def channel_codes(data, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: tl.
 
 
 @triton.jit
+def _gather_codes(data, rows, rmask, offs_d, BITS: tl.constexpr, PER: tl.constexpr, WPR: tl.constexpr,
+                  W2: tl.constexpr):
+    """Codes ``[BLOCK_N, BLOCK_D]`` of TokenQuant rows whose ``WPR <= W2`` words are loaded once per row (vector load)
+    and picked per channel with ``tl.gather`` (any codes-per-word count)."""
+    j = tl.arange(0, W2)
+    w = tl.load(data + rows[:, None] * WPR + j[None, :], mask=rmask[:, None] & (j < WPR)[None, :], other=0)
+    idx = tl.broadcast_to(tl.minimum(offs_d // PER, W2 - 1)[None, :], (rows.shape[0], offs_d.shape[0]))
+    return (tl.gather(w, idx, 1) >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+
+
+@triton.jit
 def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dmask,
               FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, PER: tl.constexpr, WPR: tl.constexpr,
               FAST: tl.constexpr, HAS_OUT: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr,
@@ -308,8 +365,13 @@ def load_tile(data, scale, zero, optr, oidx, oval, t0, nrows, rmask, offs_d, dma
                 x3 = c3.to(tl.float32) * sc.to(tl.float32)[:, :, None] + zr.to(tl.float32)[:, :, None]
             x = tl.reshape(x3, (BLOCK_N, BLOCK_D))
         else:
-            w = tl.load(data + rows[:, None] * WPR + (offs_d // PER)[None, :], mask=m2, other=0)
-            c = (w >> ((offs_d % PER) * BITS)[None, :]) & MASK
+            if GATHER_WORDS and WPR <= 16:
+                c = _gather_codes(data, rows, rmask, offs_d, BITS, PER, WPR, 16)
+            elif GATHER_WORDS and WPR <= 32:
+                c = _gather_codes(data, rows, rmask, offs_d, BITS, PER, WPR, 32)
+            else:
+                w = tl.load(data + rows[:, None] * WPR + (offs_d // PER)[None, :], mask=m2, other=0)
+                c = (w >> ((offs_d % PER) * BITS)[None, :]) & MASK
             sc = tl.load(scale + rows[:, None] * NG + (offs_d // GROUP)[None, :], mask=m2, other=0.0)
             zr = tl.load(zero + rows[:, None] * NG + (offs_d // GROUP)[None, :], mask=m2, other=0.0)
             x = c.to(tl.float32) * sc.to(tl.float32) + zr.to(tl.float32)
@@ -400,9 +462,11 @@ class PartSpec:
                 self.scale = dummy
         self.has_out = csr is not None and csr[0].numel() > 0
         if self.has_out:
-            self.oidx, self.oval, self.optr = csr
+            self.oidx, self.oval, self.optr = csr[:3]
+            self.odelta = csr[3] if len(csr) > 3 else None
         else:
             self.oidx = self.oval = self.optr = dummy
+            self.odelta = None
         self.ieee = dummy.dtype.itemsize >= 4 if self.fmt == DENSE else self.zero.dtype.itemsize >= 4
         d_pow2 = _pow2(self.d)
         if self.fmt == TOKEN:
@@ -413,9 +477,10 @@ class PartSpec:
             self.fast = True
         self.fast = self.fast and (FAST_PATHS or self.fmt == DENSE)
 
-    def args(self) -> tuple:
-        """Runtime pointer arguments in :func:`load_tile` order."""
-        return self.data, self.scale, self.zero, self.optr, self.oidx, self.oval
+    def args(self, deltas: bool = False) -> tuple:
+        """Runtime pointer arguments in :func:`load_tile` order (``deltas``: the outliers' differences to the
+        dequantized codes in place of their values, for :func:`outlier_corrections`)."""
+        return self.data, self.scale, self.zero, self.optr, self.oidx, self.odelta if deltas else self.oval
 
     def consts(self, prefix: str = "", fast: bool | None = None) -> dict:
         """Compile-time arguments (without the ``D``/``BLOCK_*`` ones), names prefixed with ``prefix``."""
