@@ -113,6 +113,19 @@ def test_dequant_tokens(bits, outliers, d):
     assert torch.equal(got, dispatch.dequant_reference(part))
 
 
+@pytest.mark.parametrize("bits,d", [(0, 64), (1, 64), (2, 64), (3, 48), (4, 64), (8, 32)])
+def test_outlier_deltas(bits, d):
+    """The CSR's per-outlier deltas (what attention adds instead of patching tiles) equal the outlier value minus the
+    reference dequantization of the code at that position, in sorted-index order."""
+    g = _gen(50 + bits)
+    part = _token_part(37, d, bits, 16, torch.float16, g, outliers=40)
+    sidx, sval, ptr, delta = dispatch.outlier_csr(part)
+    plain = dispatch.dequant_reference(TokenQuant(part.words, part.scale, part.zero, part.nbits, part.group, d,
+                                                  part.counts)).reshape(-1)
+    assert torch.equal(sidx.long(), part.out_idx.long().sort().values)
+    assert torch.allclose(delta, sval.float() - plain[sidx.long()], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("bits,group", [(1, 32), (2, 32), (3, 32), (4, 16), (8, 64)])
 def test_dequant_channels(bits, group):
     g = _gen(bits * group)
