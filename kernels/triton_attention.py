@@ -317,6 +317,11 @@ def _device_of(spec: PartSpec) -> torch.device:
     return spec.data.device
 
 
+def _pair_asm_ok(q: torch.Tensor) -> bool:
+    """Inline PTX needs an NVIDIA GPU (not ROCm, not the interpreter)."""
+    return PAIR_DEQUANT and q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float,
                   lq: int):
     H, M, D = q.shape
@@ -330,7 +335,7 @@ def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_o
         F32=q.dtype == torch.float32, K_FOLD=FOLD_K and plan.fold_k and plan.k.group % BLOCK_N == 0,
         V_HALF=HALF_V and plan.half_v and q.dtype == torch.float16,
         K_HALF=HALF_K and plan.fold_k and plan.k.group % BLOCK_N == 0 and q.dtype == torch.float16,
-        PAIR_ASM=PAIR_DEQUANT and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        PAIR_ASM=_pair_asm_ok(q),
         num_warps=PACKED_WARPS if plan.packed else NUM_WARPS, num_stages=PACKED_STAGES if plan.packed else NUM_STAGES,
     )
 

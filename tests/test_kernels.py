@@ -123,7 +123,7 @@ def test_outlier_deltas(bits, d):
     plain = dispatch.dequant_reference(TokenQuant(part.words, part.scale, part.zero, part.nbits, part.group, d,
                                                   part.counts)).reshape(-1)
     assert torch.equal(sidx.long(), part.out_idx.long().sort().values)
-    assert torch.allclose(delta, sval.float() - plain[sidx.long()], rtol=0, atol=1e-6)
+    assert torch.allclose(delta, sval.float() - plain[sidx.long()], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits,group", [(1, 32), (2, 32), (3, 32), (4, 16), (8, 64)])
