@@ -202,6 +202,8 @@ PAIR_CON_4: tl.constexpr = tl.constexpr(_pair_constraints(4))
 PAIR_CON_8: tl.constexpr = tl.constexpr(_pair_constraints(8))
 
 
+# _nK: the K tensors r[o], r[o+st], r[o+2st], ... joined along a new last axis in that order (join(evens, odds) at
+# every level keeps the natural order); one function per level, as @triton.jit functions do not recurse
 @triton.jit
 def _n2(r, o: tl.constexpr, st: tl.constexpr):
     return tl.join(r[o], r[o + st])
