@@ -169,6 +169,7 @@ SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM, BLOCK_O, fast loa
     (32, 2, 2, 32, 16, True, False, True), (32, 2, 2, 32, 16, True, True, True),
     (32, 4, 2, 32, 16, True, True, True), (32, 2, 3, 32, 16, True, True, True), (32, 1, 2, 64, 16, True, True, True),
     (32, 2, 2, 16, 16, True, True, True), (16, 1, 2, 64, 16, True, True, True), (64, 4, 2, 16, 16, True, True, True),
+    (32, 1, 3, 16, 16, True, True, True),  # the packed-pair defaults since session 3
 ]
 
 
@@ -177,7 +178,8 @@ def _set_config(cfg) -> None:
     from kernels import triton_tiles
 
     ta.BLOCK_N, ta.NUM_WARPS, ta.NUM_STAGES, ta.PROGRAMS_PER_SM, ta.BLOCK_O, fast, ta.FOLD_K, ta.HALF_V = cfg
-    ta.PACKED_WARPS, ta.PACKED_PROGRAMS_PER_SM = ta.NUM_WARPS, ta.PROGRAMS_PER_SM  # one config for every pair
+    # one config for every pair
+    ta.PACKED_WARPS, ta.PACKED_PROGRAMS_PER_SM, ta.PACKED_STAGES = ta.NUM_WARPS, ta.PROGRAMS_PER_SM, ta.NUM_STAGES
     triton_tiles.FAST_PATHS = fast
 
 
