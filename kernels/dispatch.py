@@ -97,8 +97,8 @@ def _outlier_deltas(part, sidx: torch.Tensor, sval: torch.Tensor, d: int) -> tor
     base = part.zero[row, grp].float()
     if part.nbits:
         per = ref.codes_per_word(part.nbits)
-        word = part.words[row, col // per]
-        code = (word >> (col % per * part.nbits).to(torch.int32)) & ((1 << part.nbits) - 1)
+        codes = ref.unpack(part.words[row, col // per].unsqueeze(-1), part.nbits, per)  # the word's codes [m, per]
+        code = codes.gather(-1, (col % per).unsqueeze(-1)).squeeze(-1)
         base = base + code.float() * part.scale[row, grp].float()
     return (sval.float() - base).contiguous()
 

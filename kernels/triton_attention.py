@@ -326,15 +326,16 @@ def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_o
                   lq: int):
     H, M, D = q.shape
     want = scores is not None
+    one_block = plan.fold_k and plan.k.group % BLOCK_N == 0  # per-channel keys, one quantization block per tile
     _attn_split_kernel[(H, plan.nsplit)](
         q, out_p, lse_p, scores if want else lse_p, *plan.args,
         plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
         scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
         **plan.consts, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=max(16, triton.next_power_of_2(M)),
         BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, UNIFORM=plan.uniform, ALIGN=plan.align, WANT_SCORES=want,
-        F32=q.dtype == torch.float32, K_FOLD=FOLD_K and plan.fold_k and plan.k.group % BLOCK_N == 0,
+        F32=q.dtype == torch.float32, K_FOLD=FOLD_K and one_block,
         V_HALF=HALF_V and plan.half_v and q.dtype == torch.float16,
-        K_HALF=HALF_K and plan.fold_k and plan.k.group % BLOCK_N == 0 and q.dtype == torch.float16,
+        K_HALF=HALF_K and one_block and q.dtype == torch.float16,
         PAIR_ASM=_pair_asm_ok(q),
         num_warps=PACKED_WARPS if plan.packed else NUM_WARPS, num_stages=PACKED_STAGES if plan.packed else NUM_STAGES,
     )

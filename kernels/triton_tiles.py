@@ -49,13 +49,27 @@ def bit_or(a, b):
 
 
 @triton.jit
+def _outlier_range(optr, t0, nrows, BLOCK_N: tl.constexpr):
+    """First and one-past-last outlier (CSR positions) of rows ``t0 .. t0+BLOCK_N`` clipped to ``[0, nrows)``."""
+    first = tl.maximum(t0, 0)
+    last = tl.minimum(tl.maximum(t0 + BLOCK_N, 0), nrows)
+    return tl.load(optr + first).to(tl.int64), tl.load(optr + tl.maximum(last, first)).to(tl.int64)
+
+
+@triton.jit
+def _dot32(a, b, IEEE: tl.constexpr):
+    """float32 dot: exact (``ieee``) for float32 caches, ``tf32`` otherwise (exact on one-hot x fp16 values)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
 def _scatter_outliers(x, optr, oidx, oval, t0, nrows, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_O: tl.constexpr, IEEE: tl.constexpr):
     """Replace the elements of tile ``x`` (rows ``t0 .. t0+BLOCK_N``) that have an exact outlier value."""
-    first = tl.maximum(t0, 0)
-    last = tl.minimum(tl.maximum(t0 + BLOCK_N, 0), nrows)
-    o_lo = tl.load(optr + first).to(tl.int64)
-    o_hi = tl.load(optr + tl.maximum(last, first)).to(tl.int64)
+    o_lo, o_hi = _outlier_range(optr, t0, nrows, BLOCK_N)
     cols_n = tl.arange(0, BLOCK_N)
     for o in range(o_lo, o_hi, BLOCK_O):
         j = o + tl.arange(0, BLOCK_O)
@@ -69,10 +83,7 @@ def _scatter_outliers(x, optr, oidx, oval, t0, nrows, offs_d, D: tl.constexpr, B
         cv = tl.where(hit, val[:, None], 0.0)
         cm = hit.to(tl.float32)
         selt = tl.trans(sel)
-        if IEEE:
-            dv = tl.dot(selt, cv, input_precision="ieee")
-        else:
-            dv = tl.dot(selt, cv, input_precision="tf32")
+        dv = _dot32(selt, cv, IEEE)
         dm = tl.dot(selt, cm, input_precision="tf32")
         x = tl.where(dm > 0.5, dv.to(x.dtype), x)  # outlier values are cache-dtype numbers: exact
     return x
@@ -88,10 +99,7 @@ def outlier_corrections(x, a, optr, oidx, odel, t0, nrows, ROWS_AXIS: tl.constex
     ``ROWS_AXIS == 0`` (values): ``x`` = output accumulator ``[BM, BLOCK_D]``, ``a`` = probabilities ``[BM, BLOCK_N]``;
     adds ``p[:, r] * delta`` at column ``c``. ``delta`` = outlier value - dequantized code (``odel``). Two or one
     small dots per ``BLOCK_O`` outliers instead of patching the ``[BLOCK_N, d]`` tile."""
-    first = tl.maximum(t0, 0)
-    last = tl.minimum(tl.maximum(t0 + BLOCK_N, 0), nrows)
-    o_lo = tl.load(optr + first).to(tl.int64)
-    o_hi = tl.load(optr + tl.maximum(last, first)).to(tl.int64)
+    o_lo, o_hi = _outlier_range(optr, t0, nrows, BLOCK_N)
     cols_n = tl.arange(0, BLOCK_N)
     for o in range(o_lo, o_hi, BLOCK_O):
         j = o + tl.arange(0, BLOCK_O)
@@ -103,19 +111,12 @@ def outlier_corrections(x, a, optr, oidx, odel, t0, nrows, ROWS_AXIS: tl.constex
         if ROWS_AXIS == 1:
             qg = tl.load(a + c[None, :], mask=jm[None, :], other=0.0).to(tl.float32)  # [BM, BO]
             rr = tl.where((r[:, None] == cols_n[None, :]) & jm[:, None], dl[:, None], 0.0)  # [BO, BN]
-            if IEEE:
-                x += tl.dot(qg, rr, input_precision="ieee")
-            else:
-                x += tl.dot(qg, rr, input_precision="tf32")
+            x += _dot32(qg, rr, IEEE)
         else:
             sel = ((r[None, :] == cols_n[:, None]) & jm[None, :]).to(tl.float32)  # [BN, BO]
             cc = tl.where((c[:, None] == tl.arange(0, BLOCK_D)[None, :]) & jm[:, None], dl[:, None], 0.0)  # [BO, BD]
-            if IEEE:
-                pg = tl.dot(a, sel, input_precision="ieee")  # p at each outlier's row: [BM, BO]
-                x += tl.dot(pg, cc, input_precision="ieee")
-            else:
-                pg = tl.dot(a, sel, input_precision="tf32")
-                x += tl.dot(pg, cc, input_precision="tf32")
+            pg = _dot32(a, sel, IEEE)  # p at each outlier's row: [BM, BO]
+            x += _dot32(pg, cc, IEEE)
     return x
 
 
@@ -258,23 +259,18 @@ def channel_half_t(data, scale, zero, t0, nrows, offs_d, dmask, BITS: tl.constex
                    PER: tl.constexpr, WPR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """fp16 ``K^T`` tile ``[BLOCK_D, BLOCK_N]`` of ChannelQuant rows ``t0 + arange(BLOCK_N)`` inside one quantization
     block (``t0`` a multiple of ``BLOCK_N``, ``GROUP`` a multiple of ``BLOCK_N``), dequantized in fp16: by
-    :func:`pair_dequant` when ``ASM``, else codes from :func:`channel_codes_t` times scale plus zero."""
+    :func:`pair_dequant` when ``ASM``, else :func:`expand_codes` times scale plus zero."""
     NW: tl.constexpr = BLOCK_N // PER
     blk = t0 // GROUP
     sc = tl.load(scale + blk * D + offs_d, mask=dmask, other=0.0).to(tl.float16)
     zr = tl.load(zero + blk * D + offs_d, mask=dmask, other=0.0).to(tl.float16)
+    w = _channel_words_t(data, t0, nrows, offs_d, dmask, GROUP, PER, WPR, D, BLOCK_N)
     if ASM:
-        wrow = t0 + tl.arange(0, NW) * PER
-        tw = (wrow % GROUP) // PER
-        wm = (wrow >= 0) & (wrow < nrows)
-        w = tl.load(data + (blk * D + offs_d[:, None]) * WPR + tw[None, :], mask=dmask[:, None] & wm[None, :],
-                    other=0)
         x = pair_dequant(w, tl.broadcast_to(sc[:, None], (offs_d.shape[0], NW)),
                          tl.broadcast_to(zr[:, None], (offs_d.shape[0], NW)), BITS)
         x = tl.reshape(x, (offs_d.shape[0], BLOCK_N))
     else:
-        c = channel_codes_t(data, t0, nrows, offs_d, dmask, BITS, GROUP, PER, WPR, D, BLOCK_N)
-        x = c.to(tl.float16) * sc[:, None] + zr[:, None]
+        x = expand_codes(w, BITS, PER).to(tl.float16) * sc[:, None] + zr[:, None]
     return x
 
 
@@ -283,14 +279,21 @@ def channel_codes_t(data, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: t
                     WPR: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Raw int32 codes of ChannelQuant rows ``t0 + arange(BLOCK_N)``, transposed: ``[BLOCK_D, BLOCK_N]`` (the ``K^T``
     operand of ``q K^T``), expanded with :func:`expand_codes` (``t0`` a multiple of ``PER``)."""
+    return expand_codes(_channel_words_t(data, t0, nrows, offs_d, dmask, GROUP, PER, WPR, D, BLOCK_N), BITS, PER)
+
+
+@triton.jit
+def _channel_words_t(data, t0, nrows, offs_d, dmask, GROUP: tl.constexpr, PER: tl.constexpr, WPR: tl.constexpr,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 words ``[BLOCK_D, BLOCK_N // PER]`` holding ChannelQuant rows ``t0 + arange(BLOCK_N)`` (``t0`` a multiple
+    of ``PER``); words of rows outside ``[0, nrows)`` read as 0."""
     NW: tl.constexpr = BLOCK_N // PER
     wrow = t0 + tl.arange(0, NW) * PER
     wblk = wrow // GROUP
     tw = (wrow % GROUP) // PER
     wm = (wrow >= 0) & (wrow < nrows)
-    w = tl.load(data + (wblk[None, :] * D + offs_d[:, None]) * WPR + tw[None, :], mask=dmask[:, None] & wm[None, :],
-                other=0)
-    return expand_codes(w, BITS, PER)
+    return tl.load(data + (wblk[None, :] * D + offs_d[:, None]) * WPR + tw[None, :], mask=dmask[:, None] & wm[None, :],
+                   other=0)
 
 
 @triton.jit
