@@ -264,7 +264,7 @@ def channel_half_t(data, scale, zero, t0, nrows, offs_d, dmask, BITS: tl.constex
     blk = t0 // GROUP
     sc = tl.load(scale + blk * D + offs_d, mask=dmask, other=0.0).to(tl.float16)
     zr = tl.load(zero + blk * D + offs_d, mask=dmask, other=0.0).to(tl.float16)
-    w = _channel_words_t(data, t0, nrows, offs_d, dmask, GROUP, PER, WPR, D, BLOCK_N)
+    w = _channel_words_t(data, t0, nrows, offs_d, dmask, GROUP, PER, WPR, D, BLOCK_N, True)
     if ASM:
         x = pair_dequant(w, tl.broadcast_to(sc[:, None], (offs_d.shape[0], NW)),
                          tl.broadcast_to(zr[:, None], (offs_d.shape[0], NW)), BITS)
@@ -284,16 +284,19 @@ def channel_codes_t(data, t0, nrows, offs_d, dmask, BITS: tl.constexpr, GROUP: t
 
 @triton.jit
 def _channel_words_t(data, t0, nrows, offs_d, dmask, GROUP: tl.constexpr, PER: tl.constexpr, WPR: tl.constexpr,
-                     D: tl.constexpr, BLOCK_N: tl.constexpr):
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr = False):
     """int32 words ``[BLOCK_D, BLOCK_N // PER]`` holding ChannelQuant rows ``t0 + arange(BLOCK_N)`` (``t0`` a multiple
-    of ``PER``); words of rows outside ``[0, nrows)`` read as 0."""
+    of ``PER``); words of rows outside ``[0, nrows)`` read as 0. ``ONE_BLOCK``: the rows lie in one quantization
+    block, so the block index is a scalar and each channel's words are one contiguous (vectorised) load."""
     NW: tl.constexpr = BLOCK_N // PER
     wrow = t0 + tl.arange(0, NW) * PER
-    wblk = wrow // GROUP
     tw = (wrow % GROUP) // PER
     wm = (wrow >= 0) & (wrow < nrows)
-    return tl.load(data + (wblk[None, :] * D + offs_d[:, None]) * WPR + tw[None, :], mask=dmask[:, None] & wm[None, :],
-                   other=0)
+    if ONE_BLOCK:
+        ptr = data + ((t0 // GROUP) * D + offs_d[:, None]) * WPR + tw[None, :]
+    else:
+        ptr = data + ((wrow // GROUP)[None, :] * D + offs_d[:, None]) * WPR + tw[None, :]
+    return tl.load(ptr, mask=dmask[:, None] & wm[None, :], other=0)
 
 
 @triton.jit
