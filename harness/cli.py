@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-baseline", action="store_true", help="do not add the full-cache baseline")
     r.add_argument("--max-new-tokens", type=int, default=None, help="override the task's answer length")
     r.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
-                   help="attention kernels: auto (Triton on CUDA), or force one for A/B checks")
+                   help="attention kernels: auto (Triton on CUDA; Gluon for KIVI-like fp16 pairs), or force one "
+                        "for A/B checks")
     r.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("methods", help="list every method with its parameters, defaults and paper")

@@ -1,4 +1,4 @@
-"""Decode-attention and quantize benchmarks of the Triton kernels (CUDA only).
+"""Decode-attention and quantize benchmarks of the Triton and Gluon kernels (CUDA only).
 
     python -m kernels.bench [--contexts 4k,16k,32k,64k,128k] [--batch 8] [--csv out.csv]
 
@@ -109,7 +109,7 @@ def _flash():
 def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> list[dict]:
     from triton.testing import do_bench
 
-    from kernels.triton_attention import attend_pairs
+    from kernels.triton_attention import attend_pairs, gluon_serves
 
     g = hq // hkv
     scale = d ** -0.5
@@ -120,9 +120,9 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
     fp16_bytes = _nbytes(k, v, q)
     rows = []
 
-    def add(method, ms, nbytes):
+    def add(method, ms, nbytes, kernel="torch"):
         bw = nbytes / (ms * 1e-3)
-        rows.append(dict(context=T, batch=B, method=method, time_us=round(ms * 1e3, 2), bytes=nbytes,
+        rows.append(dict(context=T, batch=B, method=method, kernel=kernel, time_us=round(ms * 1e3, 2), bytes=nbytes,
                          gbps=round(bw / 1e9, 1), frac_copy_bw=round(bw / copy_bw, 3)))
 
     ms = do_bench(lambda: F.scaled_dot_product_attention(q, k4, v4, scale=scale, enable_gqa=True), warmup=25,
@@ -140,7 +140,7 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
         plans = plans_for(pairs, q.device)
         nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(q)
         ms = do_bench(lambda plans=plans: attend_pairs(qg, plans, scale), warmup=25, rep=200, return_mode="median")
-        add(name, ms, nbytes)
+        add(name, ms, nbytes, "gluon" if all(gluon_serves(p, qg) for p in plans) else "triton")
     for r in rows:
         r["byte_ratio"] = round(fp16_bytes / r["bytes"], 3)
         r["speedup_vs_sdpa"] = round(t_sdpa / (r["time_us"] * 1e-3), 3)
@@ -160,8 +160,8 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
     return rows
 
 
-COLS = ["context", "batch", "method", "time_us", "bytes", "gbps", "frac_copy_bw", "byte_ratio", "speedup_vs_sdpa",
-        "speedup_over_byte_ratio", "prefill_sdpa_us", "quant_over_prefill"]
+COLS = ["context", "batch", "method", "kernel", "time_us", "bytes", "gbps", "frac_copy_bw", "byte_ratio",
+        "speedup_vs_sdpa", "speedup_over_byte_ratio", "prefill_sdpa_us", "quant_over_prefill"]
 
 
 SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM, BLOCK_O, fast loaders, fold K scales, fp16 V dequant)

@@ -33,6 +33,11 @@ from kernels.triton_tiles import (
     outlier_corrections,
 )
 
+try:  # Gluon (explicit layouts) ships with Triton >= 3.5
+    from kernels import gluon_attention as _gluon
+except ImportError:  # pragma: no cover - older Triton
+    _gluon = None
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # launch parameters (module-level so benchmarks can sweep them; env overrides for experiments)
@@ -288,7 +293,8 @@ class PairPlan:
         simple = all(sp.fmt == DENSE or (sp.fast and (not sp.has_out or (corr[id(sp)] and CORR_PACKED)))
                      for sp in (kspec, vspec))
         self.packed = (kspec.fmt != DENSE or vspec.fmt != DENSE) and simple
-        pps = PACKED_PROGRAMS_PER_SM if self.packed else PROGRAMS_PER_SM
+        self.gluon = _gluon is not None and _gluon.pair_fits(kspec, vspec)  # served by kernels.gluon_attention
+        pps = (_gluon.PROGRAMS_PER_SM if self.gluon else PACKED_PROGRAMS_PER_SM) if self.packed else PROGRAMS_PER_SM
         self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), self.max_cnt, device, 4, pps)
         self.col_base, self.newr = col_base, newr
         kp, vp = _progression(kbeg), _progression(vbeg)
@@ -322,8 +328,19 @@ def _pair_asm_ok(q: torch.Tensor) -> bool:
     return PAIR_DEQUANT and q.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
+def gluon_serves(plan: PairPlan, q: torch.Tensor) -> bool:
+    """Whether the Gluon kernel (:mod:`kernels.gluon_attention`) serves ``plan`` for these queries."""
+    return _gluon is not None and _gluon.supports(plan, q)
+
+
 def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float,
                   lq: int):
+    if gluon_serves(plan, q):  # KIVI-like fp16 pairs: dequantized in the mma operand layout
+        try:
+            _gluon.launch(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq)
+            return
+        except Exception as exc:  # Gluon is experimental: a Triton release that cannot build it falls back
+            _gluon.disable(exc)
     H, M, D = q.shape
     want = scores is not None
     one_block = plan.fold_k and plan.k.group % BLOCK_N == 0  # per-channel keys, one quantization block per tile

@@ -378,3 +378,111 @@ def test_launch_config_by_pair_kind():
     assert not plan("T", 2, "T", 2, 10).packed  # outliers
     assert not plan("T", 3, "T", 4, 0).packed  # 3-bit: general loader
     assert not plan("D", 0, "D", 0, 0).packed
+
+
+@gpu_only
+@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr", [
+    (2, 2, 32, 32, 4, 1, False, True, 0), (4, 4, 32, 32, 8, 1, True, False, 0), (2, 4, 64, 16, 1, 1, False, False, 0),
+    (4, 2, 128, 128, 4, 2, True, True, 3), (2, 2, 32, 64, 8, 4, False, True, 5)])
+def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, monkeypatch):
+    """The Gluon kernel for KIVI-like fp16 pairs (taken: checked) against float64: ragged heads starting and ending
+    mid-block or sharing one range, many splits, scores, causal new rows (``newr`` rows seen by query token i only up
+    to row i)."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    taken = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
+    g = _gen(100 * kbits + 10 * vbits + kg + vg + M)
+    H, d = 6, 128
+    if uniform:
+        counts = (kg * 20,) * H
+        starts, cnts = [kg // 2 + 3] * H, [kg * 20 - kg // 2 - 9] * H
+    else:
+        counts = tuple(int(c) * kg for c in torch.randint(1, 60, (H,), generator=g))
+        starts = [int(torch.randint(0, c, (1,), generator=g)) for c in counts]
+        cnts = [int(torch.randint(0, c - s + 1, (1,), generator=g)) for c, s in zip(counts, starts, strict=True)]
+        cnts[0] = counts[0] - starts[0]
+    k_part = _make("C", counts, d, kbits, kg, torch.float16, g, 0)
+    v_part = _make("T", counts, d, vbits, vg, torch.float16, g, 0)
+    ko, vo = dispatch._offsets(counts), dispatch._offsets(counts)
+    plan = PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
+                    [vo[h] + starts[h] for h in range(H)], cnts, nsplit=7, newr=newr, device=DEV)
+    assert plan.uniform == uniform
+    q = _randn(H, M, d, g=g, dtype=torch.float16)
+    o64, l64, s64 = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
+    if newr:  # query token i (m % lq) sees new row j (of the last newr) only if j <= i
+        nmax = max(cnts)
+        col = torch.arange(nmax, device=DEV)
+        seen = torch.stack([(col - (c - newr))[None, :] <= (torch.arange(M, device=DEV) % lq)[:, None]
+                            for c in cnts])
+        s64 = s64.masked_fill(~seen, float("-inf"))
+        l64 = torch.logsumexp(s64, -1)
+        vf = dispatch.dequant_reference(v_part).double()
+        vp = torch.zeros(H, nmax, d, dtype=torch.float64, device=DEV)
+        for h in range(H):
+            vp[h, :cnts[h]] = vf[vo[h] + starts[h]:vo[h] + starts[h] + cnts[h]]
+        o64 = torch.matmul(torch.exp(s64 - torch.where(torch.isfinite(l64), l64, 0).unsqueeze(-1)), vp)
+    scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
+    out, lse = attend_pairs(q, [plan], d ** -0.5, scores, lq)
+    assert taken, "the Gluon kernel was not used"
+    fin = torch.isfinite(l64)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert relerr(out[fin], o64[fin]) < TOL[torch.float16]
+    assert float((lse[fin].double() - l64[fin]).abs().max()) < 1e-1
+    if want:
+        sfin = torch.isfinite(s64)
+        assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[torch.float16]
+
+
+_BUILD = """
+import sys
+from kernels import gluon_attention as ga
+ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), 32, 32, want_scores=sys.argv[3] == "1").asm["ptx"]
+need = ("mma.sync.aligned.m16n8k16", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32", "fma.rn.f16x2", "prmt.b32")
+print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in ptx)
+"""
+
+
+@pytest.mark.parametrize("kbits,vbits,want", [(2, 2, False), (4, 2, True)])
+def test_gluon_kernel_builds_for_hopper(kbits, vbits, want):
+    """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
+    layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
+    and pair-dequantization instructions it is built around and no shared-memory round trip."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _BUILD, str(kbits), str(vbits), "1" if want else "0"], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "missing: [] shared: False" in r.stdout, r.stdout
+
+
+def test_gluon_failure_falls_back_to_triton(monkeypatch):
+    """A Triton release that cannot build the Gluon kernel: the first launch warns, switches it off for the process
+    and the Triton kernel answers (correctly) instead."""
+    ga = pytest.importorskip("kernels.gluon_attention", reason="this Triton has no Gluon")
+    from kernels import triton_attention as ta
+
+    monkeypatch.setattr(ga, "ENABLED", True)
+    monkeypatch.setattr(ga, "supports", lambda plan, q: ga.ENABLED)
+
+    def boom(*a, **k):
+        raise RuntimeError("no such layout")
+
+    monkeypatch.setattr(ga, "launch", boom)
+    g = _gen(31)
+    counts, d = (64, 96), 128
+    k_part = _make("C", counts, d, 2, 32, torch.float16, g, 0)
+    v_part = _make("T", counts, d, 2, 32, torch.float16, g, 0)
+    q = _randn(2, 4, d, g=g, dtype=torch.float16)
+    o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [3, 0], [60, 96])
+    plan = dispatch.make_plan(k_part, v_part, [3, 0], [60, 96], DEV)
+    with pytest.warns(UserWarning, match="Gluon KIVI kernel disabled.*no such layout"):
+        out, _ = ta.attend_pairs(q, [plan], d ** -0.5)
+    assert not ga.ENABLED and relerr(out, o64) < TOL[torch.float16]

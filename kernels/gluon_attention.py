@@ -1,0 +1,462 @@
+"""Gluon decode attention for KIVI-like fp16 pairs: per-channel keys + per-token values, dequantized in registers
+straight into the tensor-core operand layout (no shared-memory round trip).
+
+Why a second kernel: the Triton kernel (:mod:`kernels.triton_attention`) expands codes in a blocked layout and lets the
+compiler move the fp16 tile into the ``mma`` operand layout through shared memory; on the H100 that conversion, the
+register moves around it and 255 registers per thread set its speed, not the bytes (kernels/NOTES.md). Gluon states
+layouts explicitly, so here every lane loads exactly the packed words whose codes it holds in the ``mma.m16n8k16``
+operand fragments and dequantizes them in place.
+
+The formulation (one warp per program), tokens as the MMA's M so the queries pad only to N = 8:
+
+* ``S^T [16 tokens, 8 queries] = K_chunk [16, 128] @ Q^T [128, 8]`` and
+  ``O^T [128 channels, 8 queries] += V^T_chunk [128, 16] @ P^T [16, 8]``; ``P^T`` goes from the accumulator layout to
+  the B-operand layout with two ``movmatrix.trans`` per chunk.
+* A tile is 128 tokens in 8 chunks of 16. Chunk ``i``'s row ``m`` is physical token ``16 (m % 8) + 2 i + m // 8`` of
+  the tile, so the lane that holds row ``m % 8`` holds tokens ``16 r .. 16 r + 15`` of every channel it owns: one
+  2-bit word (two 4-bit words) of a per-channel key block per channel, loaded once per tile.
+* For the values, output row ``m`` is physical channel ``16 (m % 8) + m // 8``: the lane holding row ``m % 8`` holds
+  channels ``16 r .. 16 r + 15``, one 2-bit word (two 4-bit words) per token.
+* A fragment register holds two fp16 values: two adjacent channels (keys) or two tokens 16 apart (values). Their two
+  words are merged once with two ``prmt`` (low halves / high halves); then each pair is one shift, one ``lop3`` into
+  fp16 1024 + code, one ``sub.f16x2`` and one ``fma.rn.f16x2`` (scale, zero): no int-to-float conversion.
+* Token and channel permutations are free: the softmax sums over tokens, scores are stored at their physical
+  columns and the output at its physical channels.
+
+Scope (:func:`supports`): fp16 queries, ``d = 128``, at most 8 query rows per KV head, ChannelQuant keys and
+TokenQuant values of 2 or 4 bits without outliers, key blocks and value groups multiples of 16. Everything else runs
+on :mod:`kernels.triton_attention`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+ENABLED = os.environ.get("KV_GLUON", "1") == "1"
+# programs per SM (splits per head follow from it): the H100 sweep at 32k gave 8 (136 / 170 us for 2 / 4 bits)
+# against 16 (147 / 181) and 4 (167 / 206); see kernels/NOTES.md
+PROGRAMS_PER_SM = int(os.environ.get("KV_GLUON_PROGRAMS_PER_SM", 8))
+
+MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
+B_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(1, MMA, 2))
+# key chunk [2 h, 8 r, 16 f, 4 a, 2 e]: token row 8h + r, channel 8f + 2a + e (registers e, h, f; lanes a, r),
+# i.e. the A operand [16, 128]
+K5: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 4, 0, 0], [0, 0, 8, 0, 0]],
+    lane_bases=[[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 4, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 8, 16, 4, 2]))
+# value chunk [16 t, 8 r, 2 h, 4 a, 2 e]: channel row 8t + r, token column 8h + 2a + e (registers e, t, h),
+# i.e. the A operand [128, 16]
+V5: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0], [2, 0, 0, 0, 0], [4, 0, 0, 0, 0], [8, 0, 0, 0, 0]],
+    lane_bases=[[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 4, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[16, 8, 2, 4, 2]))
+K4: gl.constexpr = gl.constexpr(gl.SliceLayout(0, K5))  # [8 r, 16 f, 4 a, 2 e]: per (lane's token run, channel)
+V4: gl.constexpr = gl.constexpr(gl.SliceLayout(0, V5))  # [8 r, 2 h, 4 a, 2 e]: per (lane's channel run, token)
+K3: gl.constexpr = gl.constexpr(gl.SliceLayout(3, K4))  # merged words [8 r, 16 f, 4 a]
+V3: gl.constexpr = gl.constexpr(gl.SliceLayout(3, V4))  # merged words [8 r, 2 h, 4 a]
+ROW_L: gl.constexpr = gl.constexpr(gl.SliceLayout(1, MMA))  # token / channel rows of the accumulators
+COL_L: gl.constexpr = gl.constexpr(gl.SliceLayout(0, MMA))  # query columns
+
+
+def _merge_asm() -> str:
+    # two words (e = 0, 1) -> (low halves, high halves): their codes at the same bit position now sit 16 bits apart
+    return "prmt.b32 $0, $2, $3, 0x5410;\nprmt.b32 $1, $2, $3, 0x7632;"
+
+
+def _deq_asm(bits: int, key: bool) -> str:
+    """Per fragment register: ``$0`` fp16x2 out; ``$1, $2`` the merged word (twice); ``$3, $4`` the shift (twice);
+    then the scale and zero pairs: int32 words ``$5, $6`` / ``$7, $8`` (keys) or packed fp16 ``$5`` / ``$6`` (values).
+    """
+    mask = (1 << bits) - 1
+    sc, zr = ("$5", "$7") if key else ("$5", "$6")
+    return "\n".join([
+        "{", ".reg .b32 t, k, m;", "mov.b32 k, 0x64006400;", f"mov.b32 m, {mask | mask << 16};",
+        "shr.u32 t, $1, $3;", "lop3.b32 t, t, m, k, 0xEA;", "sub.f16x2 t, t, k;", f"fma.rn.f16x2 $0, t, {sc}, {zr};",
+        "}"])
+
+
+MERGE: gl.constexpr = gl.constexpr(_merge_asm())
+DEQK2: gl.constexpr = gl.constexpr(_deq_asm(2, True))
+DEQK4: gl.constexpr = gl.constexpr(_deq_asm(4, True))
+DEQV2: gl.constexpr = gl.constexpr(_deq_asm(2, False))
+DEQV4: gl.constexpr = gl.constexpr(_deq_asm(4, False))
+TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+
+
+@gluon.jit
+def _idx4(L4: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr, S3: gl.constexpr):
+    """The four coordinate tensors of shape ``[S0, S1, S2, S3]`` (int32, layout ``L4``)."""
+    i0 = gl.arange(0, S0, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    i1 = gl.arange(0, S1, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    i2 = gl.arange(0, S2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L4))))
+    i3 = gl.arange(0, S3, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    z = gl.full([S0, S1, S2, S3], 0, gl.int32, layout=L4)
+    c0 = gl.expand_dims(gl.expand_dims(gl.expand_dims(i0, 1), 2), 3) + z
+    c1 = gl.expand_dims(gl.expand_dims(gl.expand_dims(i1, 0), 2), 3) + z
+    c2 = gl.expand_dims(gl.expand_dims(gl.expand_dims(i2, 0), 1), 3) + z
+    c3 = gl.expand_dims(gl.expand_dims(gl.expand_dims(i3, 0), 1), 2) + z
+    return c0, c1, c2, c3
+
+
+@gluon.jit
+def _idx3(L3: gl.constexpr, S0: gl.constexpr, S1: gl.constexpr, S2: gl.constexpr):
+    """The three coordinate tensors of shape ``[S0, S1, S2]`` (int32, layout ``L3``)."""
+    i0 = gl.arange(0, S0, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+    i1 = gl.arange(0, S1, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+    i2 = gl.arange(0, S2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    z = gl.full([S0, S1, S2], 0, gl.int32, layout=L3)
+    c0 = gl.expand_dims(gl.expand_dims(i0, 1), 2) + z
+    c1 = gl.expand_dims(gl.expand_dims(i1, 0), 2) + z
+    c2 = gl.expand_dims(gl.expand_dims(i2, 0), 1) + z
+    return c0, c1, c2
+
+
+@gluon.jit
+def _merge(w, L3: gl.constexpr):
+    """Words ``[.., 2]`` (the pair's two words on the last axis) -> merged (low halves, high halves) ``[..]``."""
+    m = gl.inline_asm_elementwise(MERGE, "=r,=r,r,r", [w], dtype=gl.int32, is_pure=True, pack=2)
+    lo, hi = gl.split(m)
+    return gl.convert_layout(lo, L3, assert_trivial=True), gl.convert_layout(hi, L3, assert_trivial=True)
+
+
+@gluon.jit
+def _deq_k(x, sh, sc, zr, BITS: gl.constexpr):
+    """Key pairs: scale / zero pairs arrive as int32 words (two adjacent channels' fp16)."""
+    if BITS == 2:
+        y = gl.inline_asm_elementwise(DEQK2, "=r,r,r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
+                                      pack=2)
+    else:
+        y = gl.inline_asm_elementwise(DEQK4, "=r,r,r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
+                                      pack=2)
+    return y
+
+
+@gluon.jit
+def _deq_v(x, sh, sc, zr, BITS: gl.constexpr):
+    """Value pairs: scale / zero are the two tokens' fp16 values (packed into one register by ``pack=2``)."""
+    if BITS == 2:
+        y = gl.inline_asm_elementwise(DEQV2, "=r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
+                                      pack=2)
+    else:
+        y = gl.inline_asm_elementwise(DEQV4, "=r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
+                                      pack=2)
+    return y
+
+
+@gluon.jit
+def _key_words(kptr, row0, k_nrows, w: gl.constexpr, KG: gl.constexpr, KPER: gl.constexpr, MASKED: gl.constexpr):
+    """Merged key words (word ``w`` of each lane's 16-token run, per channel pair): two ``[8 r, 16 f, 4 a]``.
+    ``kptr`` holds each element's channel offset; ``row0`` each lane's first token."""
+    row = row0 + w * KPER
+    ptr = kptr + ((row // KG).to(gl.int64) * 128 * (KG // KPER) + (row % KG) // KPER)
+    if MASKED:
+        wd = gl.load(ptr, mask=row < k_nrows, other=0)
+    else:
+        wd = gl.load(ptr)
+    return _merge(wd, K3)
+
+
+@gluon.jit
+def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.constexpr):
+    """fp16 key chunk ``[16 tokens, 128 channels]`` (A operand) of chunk ``i`` from one word's merged halves."""
+    HALF: gl.constexpr = KPER // 2
+    j0: gl.constexpr = (2 * i) % KPER
+    if j0 // HALF == 0:
+        src = lo
+    else:
+        src = hi
+    zero5 = gl.full([2, 8, 16, 4, 2], 0, gl.int32, layout=K5)
+    x = gl.expand_dims(gl.expand_dims(gl.convert_layout(src, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0)
+    x = x + zero5
+    hh = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
+    sh = BITS * ((j0 + hh) % HALF)
+    sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sh, 1), 2), 3), 4) + zero5
+    s5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(sc, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
+    z5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(zr, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
+    y = _deq_k(x, sh, s5, z5, BITS)
+    return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VPER: gl.constexpr,
+            VG: gl.constexpr, MASKED: gl.constexpr):
+    """fp16 value chunk ``V^T [128 channels, 16 tokens]`` (A operand of ``O^T += V^T P^T``) of chunk ``i``.
+    ``vptr`` / ``sptr`` / ``zptr``: each element's word / scale / zero pointer at the tile's row 0."""
+    NWV: gl.constexpr = 16 // VPER
+    HALF: gl.constexpr = VPER // 2
+    if MASKED:
+        row = vrow0 + vrow_off + 2 * i
+        rm = (row >= 0) & (row < v_nrows)
+        sc = gl.load(sptr + 2 * i * (128 // VG), mask=rm, other=0.0)
+        zr = gl.load(zptr + 2 * i * (128 // VG), mask=rm, other=0.0)
+        w0 = gl.load(vptr + 2 * i * (128 // VPER), mask=rm, other=0)
+    else:
+        sc = gl.load(sptr + 2 * i * (128 // VG))
+        zr = gl.load(zptr + 2 * i * (128 // VG))
+        w0 = gl.load(vptr + 2 * i * (128 // VPER))
+    zero5 = gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
+    tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
+    tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
+    j = tt % VPER
+    lo0, hi0 = _merge(w0, V3)
+    lo0 = gl.expand_dims(gl.expand_dims(gl.convert_layout(lo0, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
+    hi0 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi0, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
+    x = gl.where(j < HALF, lo0 + zero5, hi0 + zero5)
+    if NWV == 2:
+        if MASKED:
+            w1 = gl.load(vptr + 2 * i * (128 // VPER) + 1, mask=rm, other=0)
+        else:
+            w1 = gl.load(vptr + 2 * i * (128 // VPER) + 1)
+        lo1, hi1 = _merge(w1, V3)
+        lo1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(lo1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
+        hi1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
+        x = gl.where(tt < VPER, x, gl.where(j < HALF, lo1 + zero5, hi1 + zero5))
+    sh = BITS * (j % HALF)
+    s5 = gl.broadcast(gl.expand_dims(sc, 0), x)[0]
+    z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
+    y = _deq_v(x, sh, s5, z5, BITS)
+    return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol,
+            s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS: gl.constexpr, KPER: gl.constexpr,
+            WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
+    """Scores ``S^T [16 tokens, 8 queries]`` (log2 units) of chunk ``i``, masked on boundary tiles; stored (natural
+    units) when asked."""
+    if KPER == 8 and i >= 4:
+        ka = _kchunk(klo1, khi1, ksc, kzr, i, K_BITS, KPER)
+    else:
+        ka = _kchunk(klo0, khi0, ksc, kzr, i, K_BITS, KPER)
+    s = mma_v2(ka, qb, zs)
+    tok = T0 + trow + 2 * i
+    if MASKED:
+        see = (tok >= kbeg) & (tok < kbeg + cnt)
+        see2 = gl.expand_dims(see, 1) & (gl.expand_dims(tok - new0, 1) <= gl.expand_dims(qcol % LQ, 0))
+        s = gl.where(see2, s, float("-inf"))
+    if WANT_SCORES:
+        jc = COLBASE + col + tok - kbeg
+        smask = gl.expand_dims(qcol < M, 0) & gl.expand_dims((tok >= kbeg) & (tok < kbeg + cnt), 1)
+        gl.store(s_ptr + (hd * M + gl.expand_dims(qcol, 0)).to(gl.int64) * NMAX + gl.expand_dims(jc, 1),
+                 s * 0.6931471805599453, mask=smask)
+    return s
+
+
+@gluon.jit
+def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_BITS: gl.constexpr,
+        VPER: gl.constexpr, V_GROUP: gl.constexpr, MASKED: gl.constexpr):
+    """``acc += V^T_chunk @ P^T``: ``P^T`` [16, 8] moves from the accumulator to the B layout by ``movmatrix``."""
+    pt = gl.inline_asm_elementwise(TRANS, "=r,r", [p.to(gl.float16)], dtype=gl.float16, is_pure=True, pack=2)
+    # register j of lane l now holds P^T[2 (l % 4) + (j & 1) + 8 (j >> 1), l // 4]: as a [2, 8, 8] view that is the
+    # B fragment of P^T with the last two axes swapped
+    pb = gl.reshape(gl.permute(gl.reshape(pt, [2, 8, 8]), (0, 2, 1)), [16, 8])
+    pb = gl.convert_layout(pb, B_L, assert_trivial=True)
+    va_ = _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, V_BITS, VPER, V_GROUP, MASKED)
+    return mma_v2(va_, pb, acc)
+
+
+@gluon.jit
+def _tile(acc, m_i, l_i, qb, zs, T0, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
+          k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
+          COLBASE, col, LQ, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
+          V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
+    """One 128-token tile: scores of 4 chunks at a time, online softmax, ``P V``."""
+    KPER: gl.constexpr = 32 // K_BITS
+    VPER: gl.constexpr = 32 // V_BITS
+    # each lane's 16 tokens lie in one key block: its scales / zeros as int32 pairs (two channels' fp16)
+    row0 = T0 + krow_l
+    kbo = (row0 // K_GROUP).to(gl.int64) * 64
+    if MASKED:
+        ksc = gl.load(k_scale2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+        kzr = gl.load(k_zero2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+    else:
+        ksc = gl.load(k_scale2 + kbo + ks_off)
+        kzr = gl.load(k_zero2 + kbo + ks_off)
+    kptr = k_data + kc_off
+    klo0, khi0 = _key_words(kptr, T0 + krow_w, k_nrows, 0, K_GROUP, KPER, MASKED)
+    if KPER == 8:
+        klo1, khi1 = _key_words(kptr, T0 + krow_w, k_nrows, 1, K_GROUP, KPER, MASKED)
+    else:
+        klo1 = klo0
+        khi1 = khi0
+    vrow0 = T0 - kbeg + vbeg
+    vptr = v_data + (vrow0 * (128 // VPER) + vw_off)
+    sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
+    zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
+    for half in gl.static_range(2):
+        s0 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 0, T0, kbeg, cnt, new0, trow, qcol,
+                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+        s1 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 1, T0, kbeg, cnt, new0, trow, qcol,
+                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+        s2 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 2, T0, kbeg, cnt, new0, trow, qcol,
+                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+        s3 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 3, T0, kbeg, cnt, new0, trow, qcol,
+                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+        mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
+        m_new = gl.maximum(m_i, gl.max(mx, 0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        acc = acc * gl.expand_dims(alpha, 0)
+        ms = gl.expand_dims(m_safe, 0)
+        p0 = gl.exp2(s0 - ms)
+        p1 = gl.exp2(s1 - ms)
+        p2 = gl.exp2(s2 - ms)
+        p3 = gl.exp2(s3 - ms)
+        acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 0, V_BITS, VPER, V_GROUP, MASKED)
+        acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 1, V_BITS, VPER, V_GROUP, MASKED)
+        acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 2, V_BITS, VPER, V_GROUP, MASKED)
+        acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 3, V_BITS, VPER, V_GROUP, MASKED)
+        l_i = l_i * alpha + gl.sum((p0 + p1) + (p2 + p3), 0)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _kivi_attn_kernel(
+    q_ptr, out_ptr, lse_ptr, s_ptr, k_data, k_scale, k_zero, v_data, v_scale, v_zero,
+    meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
+    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale,
+    K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
+    UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr,
+):
+    KPER: gl.constexpr = 32 // K_BITS
+    VPER: gl.constexpr = 32 // V_BITS
+    gl.static_assert(K_GROUP % 16 == 0)
+    hd = gl.program_id(0)
+    sp = gl.program_id(1)
+    if UNIFORM:
+        kbeg = (KB0 + hd * KHS).to(gl.int64)
+        vbeg = (VB0 + hd * VHS).to(gl.int64)
+        cnt = (CNT + 0 * hd).to(gl.int64)
+        col = (COL0 + 0 * hd).to(gl.int64)
+    else:
+        nh = gl.num_programs(0)
+        kbeg = gl.load(meta_ptr + hd)
+        vbeg = gl.load(meta_ptr + nh + hd)
+        cnt = gl.load(meta_ptr + 2 * nh + hd)
+        col = gl.load(meta_ptr + 3 * nh + hd)
+    abeg = kbeg - kbeg % K_GROUP
+    ntiles = gl.where(cnt > 0, (kbeg + cnt - abeg + 127) // 128, 0)
+    tps = (ntiles + NSPLIT - 1) // NSPLIT
+    t_lo = sp * tps
+    t_hi = gl.minimum(t_lo + tps, ntiles)
+    new0 = kbeg + cnt - NEWR
+
+    # Q^T: B operand [128 channels, 8 queries], pre-scaled by sm_scale * log2(e)
+    qk = gl.arange(0, 128, layout=gl.SliceLayout(1, B_L))
+    qn = gl.arange(0, 8, layout=gl.SliceLayout(0, B_L))
+    qmask = gl.expand_dims(qk < 128, 1) & gl.expand_dims(qn < M, 0)
+    qv = gl.load(q_ptr + (hd * M + gl.expand_dims(qn, 0)) * 128 + gl.expand_dims(qk, 1), mask=qmask, other=0.0)
+    qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.float16)
+
+    # per-element offsets, split into a lane part and a register constant (so loads use immediate offsets)
+    r, f, a, e = _idx4(K4, 8, 16, 4, 2)
+    kc_off = (2 * a) * (K_GROUP // KPER) + (8 * f + e) * (K_GROUP // KPER)  # channel offset in a key block's words
+    kr, kf, ka = _idx3(K3, 8, 16, 4)
+    ks_off = ka + 4 * kf  # channel-pair offset of the int32 scale pairs
+    krow_l = 16 * kr  # each lane's first token in the tile
+    krow_w = 16 * r
+    vr, vh, va, ve = _idx4(V4, 8, 2, 4, 2)
+    vrow_off = 32 * va + (16 * ve + vh)  # value row (minus 2 i) of each element of a chunk
+    vw_off = (32 * va * (128 // VPER) + vr * (16 // VPER)) + (16 * ve + vh) * (128 // VPER)
+    vs_off = (32 * va * (128 // V_GROUP) + (16 * vr) // V_GROUP) + (16 * ve + vh) * (128 // V_GROUP)
+    rows = gl.arange(0, 16, layout=ROW_L)
+    trow = 16 * (rows % 8) + rows // 8  # physical token (minus 2 i) of each score row of a chunk
+    qcol = gl.arange(0, 8, layout=COL_L)
+    k_scale2 = k_scale.to(gl.pointer_type(gl.int32), bitcast=True)
+    k_zero2 = k_zero.to(gl.pointer_type(gl.int32), bitcast=True)
+
+    m_i = gl.full([8], float("-inf"), gl.float32, layout=COL_L)
+    l_i = gl.full([8], 0.0, gl.float32, layout=COL_L)
+    acc = gl.zeros([128, 8], gl.float32, layout=MMA)
+    zs = gl.zeros([16, 8], gl.float32, layout=MMA)
+    for t in range(t_lo, t_hi):
+        T0 = abeg + t * 128
+        inner = (T0 >= kbeg) & (T0 + 128 <= kbeg + cnt) & (T0 + 128 <= new0)
+        if inner:
+            acc, m_i, l_i = _tile(acc, m_i, l_i, qb, zs, T0, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+                                  v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
+                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, K_GROUP,
+                                  V_BITS, V_GROUP, WANT_SCORES, False)
+        else:
+            acc, m_i, l_i = _tile(acc, m_i, l_i, qb, zs, T0, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+                                  v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
+                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, K_GROUP,
+                                  V_BITS, V_GROUP, WANT_SCORES, True)
+    has = l_i > 0
+    out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
+    lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    orow = (hd * S_TOTAL + SPLIT_OFF + sp) * M + qcol
+    oc = gl.arange(0, 128, layout=ROW_L)
+    pc = 16 * (oc % 8) + oc // 8
+    gl.store(out_ptr + gl.expand_dims(orow, 0).to(gl.int64) * 128 + gl.expand_dims(pc, 1), out,
+             mask=gl.expand_dims(qcol < M, 0) & gl.expand_dims(pc < 128, 1))
+    gl.store(lse_ptr + orow, lse, mask=qcol < M)
+
+
+def pair_fits(k, v) -> bool:
+    """Whether a K / V part pair (:class:`kernels.triton_tiles.PartSpec`) is in this kernel's scope."""
+    from kernels.triton_tiles import CHANNEL, TOKEN
+
+    return (ENABLED and k.fmt == CHANNEL and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
+            and not k.has_out and not v.has_out and k.d == 128 and v.d == 128
+            and k.group % 16 == 0 and v.group % 16 == 0 and v.group <= 128
+            and all(t.dtype == torch.float16 and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
+            and all(t.is_contiguous() for t in (k.data, k.scale, k.zero, v.data, v.scale, v.zero))
+            and k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0)
+
+
+def supports(plan, q) -> bool:
+    """Whether :func:`launch` serves ``plan`` for queries ``q`` (see the module docstring for the scope)."""
+    H, M, D = q.shape
+    return (ENABLED and plan.gluon and q.is_cuda and q.dtype == torch.float16 and D == 128 and M <= 8
+            and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def disable(exc: Exception) -> None:
+    """Switch this kernel off for the process (the Triton kernel takes over), saying why once."""
+    global ENABLED
+    ENABLED = False
+    warnings.warn(f"Gluon KIVI kernel disabled, using the Triton kernel: {type(exc).__name__}: {exc}", stacklevel=3)
+
+
+def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> None:
+    """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel)."""
+    H, M, D = q.shape
+    want = scores is not None
+    _kivi_attn_kernel[(H, plan.nsplit)](
+        q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
+        plan.v.data, plan.v.scale, plan.v.zero,
+        plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
+        scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
+        K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
+        UNIFORM=plan.uniform, WANT_SCORES=want, num_warps=1,
+    )
+
+
+def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
+                    want_scores: bool = False):
+    """Build the kernel for an NVIDIA target without a GPU (how CI checks that it still compiles: the layout
+    conversions are asserted trivial at build time). Returns the compiled kernel (``.asm["ptx"]``, ``["cubin"]``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = dict(q_ptr="*fp16", out_ptr="*fp32", lse_ptr="*fp32", s_ptr="*fp32", k_data="*i32", k_scale="*fp16",
+               k_zero="*fp16", v_data="*i32", v_scale="*fp16", v_zero="*fp16", meta_ptr="*i64")
+    sig.update({n: "i32" for n in ("KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX",
+                                   "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
+    sig["sm_scale"] = "fp32"
+    const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
+                 WANT_SCORES=want_scores)
+    sig.update({k: "constexpr" for k in const})
+    src = GluonASTSource(_kivi_attn_kernel, sig, const)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1))
