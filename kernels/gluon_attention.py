@@ -39,9 +39,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 ENABLED = os.environ.get("KV_GLUON", "1") == "1"
-# programs per SM (splits per head follow from it): the H100 sweep at 32k gave 8 (136 / 170 us for 2 / 4 bits)
-# against 16 (147 / 181) and 4 (167 / 206); see kernels/NOTES.md
-PROGRAMS_PER_SM = int(os.environ.get("KV_GLUON_PROGRAMS_PER_SM", 8))
+# programs per SM (splits per head follow from it): by default as many as fit at once (the compiled kernel's
+# registers decide), so every program of a launch is resident in one wave; the env var forces a number
+PROGRAMS_PER_SM = int(os.environ.get("KV_GLUON_PROGRAMS_PER_SM", 0))
+MAXNREG = int(os.environ.get("KV_GLUON_MAXNREG", 0)) or None  # register cap per thread (experiments)
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -84,6 +85,7 @@ def _deq_asm(bits: int, key: bool) -> str:
 
 
 MERGE: gl.constexpr = gl.constexpr(_merge_asm())
+MERGE_SEL: gl.constexpr = gl.constexpr("prmt.b32 $0, $2, $3, $4;\nmov.b32 $1, $0;")
 DEQK2: gl.constexpr = gl.constexpr(_deq_asm(2, True))
 DEQK4: gl.constexpr = gl.constexpr(_deq_asm(4, True))
 DEQV2: gl.constexpr = gl.constexpr(_deq_asm(2, False))
@@ -128,6 +130,15 @@ def _merge(w, L3: gl.constexpr):
 
 
 @gluon.jit
+def _merge_sel(w, sel, L3: gl.constexpr):
+    """Words ``[.., 2]`` -> one merged word ``[..]`` by ``prmt`` with a runtime selector (0x5410: low halves,
+    0x7632: high halves)."""
+    m = gl.inline_asm_elementwise(MERGE_SEL, "=r,=r,r,r,r,r", [w, sel], dtype=gl.int32, is_pure=True, pack=2)
+    lo, _ = gl.split(m)
+    return gl.convert_layout(lo, L3, assert_trivial=True)
+
+
+@gluon.jit
 def _deq_k(x, sh, sc, zr, BITS: gl.constexpr):
     """Key pairs: scale / zero pairs arrive as int32 words (two adjacent channels' fp16)."""
     if BITS == 2:
@@ -152,24 +163,35 @@ def _deq_v(x, sh, sc, zr, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _key_words(kptr, row0, k_nrows, w: gl.constexpr, KG: gl.constexpr, KPER: gl.constexpr, MASKED: gl.constexpr):
-    """Merged key words (word ``w`` of each lane's 16-token run, per channel pair): two ``[8 r, 16 f, 4 a]``.
-    ``kptr`` holds each element's channel offset; ``row0`` each lane's first token."""
-    row = row0 + w * KPER
+def _key_words(kptr, row0, k_nrows, w, KG: gl.constexpr, KPER: gl.constexpr, MASKED: gl.constexpr):
+    """Merged key words of half ``w`` (runtime 0 / 1) of each lane's 16-token run, per channel pair, as ``(lo, hi)``
+    ``[8 r, 16 f, 4 a]``: for 2 bits the half is one half of the lane's word (``lo``; ``hi`` unused), for 4 bits
+    word ``w`` (its low and high halves). ``kptr`` holds each element's channel offset; ``row0`` each lane's first
+    token."""
+    if KPER == 16:
+        row = row0
+    else:
+        row = row0 + w * KPER
     ptr = kptr + ((row // KG).to(gl.int64) * 128 * (KG // KPER) + (row % KG) // KPER)
     if MASKED:
         wd = gl.load(ptr, mask=row < k_nrows, other=0)
     else:
         wd = gl.load(ptr)
-    return _merge(wd, K3)
+    if KPER == 16:
+        lo = _merge_sel(wd, 0x5410 + w * (0x7632 - 0x5410) + gl.zeros_like(wd), K3)
+        hi = lo
+    else:
+        lo, hi = _merge(wd, K3)
+    return lo, hi
 
 
 @gluon.jit
 def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.constexpr):
-    """fp16 key chunk ``[16 tokens, 128 channels]`` (A operand) of chunk ``i`` from one word's merged halves."""
+    """fp16 key chunk ``[16 tokens, 128 channels]`` (A operand) of chunk ``i`` (0..3) of a half tile from the half's
+    merged words."""
     HALF: gl.constexpr = KPER // 2
-    j0: gl.constexpr = (2 * i) % KPER
-    if j0 // HALF == 0:
+    j0: gl.constexpr = (2 * i) % HALF
+    if ((2 * i) // HALF) % 2 == 0:
         src = lo
     else:
         src = hi
@@ -227,15 +249,12 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
 
 
 @gluon.jit
-def _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol,
+def _scores(qb, klo, khi, ksc, kzr, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol,
             s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS: gl.constexpr, KPER: gl.constexpr,
             WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
-    """Scores ``S^T [16 tokens, 8 queries]`` (log2 units) of chunk ``i``, masked on boundary tiles; stored (natural
-    units) when asked."""
-    if KPER == 8 and i >= 4:
-        ka = _kchunk(klo1, khi1, ksc, kzr, i, K_BITS, KPER)
-    else:
-        ka = _kchunk(klo0, khi0, ksc, kzr, i, K_BITS, KPER)
+    """Scores ``S^T [16 tokens, 8 queries]`` (log2 units) of chunk ``i`` of the half tile whose chunk 0 starts at
+    ``T0`` (physical tokens ``T0 + trow + 2 i``), masked on boundary tiles; stored (natural units) when asked."""
+    ka = _kchunk(klo, khi, ksc, kzr, i, K_BITS, KPER)
     s = mma_v2(ka, qb, zs)
     tok = T0 + trow + 2 * i
     if MASKED:
@@ -264,11 +283,12 @@ def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_B
 
 
 @gluon.jit
-def _tile(acc, m_i, l_i, qb, zs, T0, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
+def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
           k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
           COLBASE, col, LQ, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
           V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
-    """One 128-token tile: scores of 4 chunks at a time, online softmax, ``P V``."""
+    """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
+    ``P V``. Halves keep only half of each lane's key words in registers."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
     # each lane's 16 tokens lie in one key block: its scales / zeros as int32 pairs (two channels' fp16)
@@ -280,46 +300,45 @@ def _tile(acc, m_i, l_i, qb, zs, T0, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_
     else:
         ksc = gl.load(k_scale2 + kbo + ks_off)
         kzr = gl.load(k_zero2 + kbo + ks_off)
-    kptr = k_data + kc_off
-    klo0, khi0 = _key_words(kptr, T0 + krow_w, k_nrows, 0, K_GROUP, KPER, MASKED)
-    if KPER == 8:
-        klo1, khi1 = _key_words(kptr, T0 + krow_w, k_nrows, 1, K_GROUP, KPER, MASKED)
-    else:
-        klo1 = klo0
-        khi1 = khi0
-    vrow0 = T0 - kbeg + vbeg
+    klo, khi = _key_words(k_data + kc_off, T0 + krow_w, k_nrows, w, K_GROUP, KPER, MASKED)
+    T8 = T0 + 8 * w  # chunk 4w's physical tokens are T8 + trow
+    vrow0 = T8 - kbeg + vbeg
     vptr = v_data + (vrow0 * (128 // VPER) + vw_off)
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
     zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
-    for half in gl.static_range(2):
-        s0 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 0, T0, kbeg, cnt, new0, trow, qcol,
-                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
-        s1 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 1, T0, kbeg, cnt, new0, trow, qcol,
-                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
-        s2 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 2, T0, kbeg, cnt, new0, trow, qcol,
-                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
-        s3 = _scores(qb, klo0, khi0, klo1, khi1, ksc, kzr, zs, 4 * half + 3, T0, kbeg, cnt, new0, trow, qcol,
-                     s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, KPER, WANT_SCORES, MASKED)
-        mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
-        m_new = gl.maximum(m_i, gl.max(mx, 0))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        acc = acc * gl.expand_dims(alpha, 0)
-        ms = gl.expand_dims(m_safe, 0)
-        p0 = gl.exp2(s0 - ms)
-        p1 = gl.exp2(s1 - ms)
-        p2 = gl.exp2(s2 - ms)
-        p3 = gl.exp2(s3 - ms)
-        acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 0, V_BITS, VPER, V_GROUP, MASKED)
-        acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 1, V_BITS, VPER, V_GROUP, MASKED)
-        acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 2, V_BITS, VPER, V_GROUP, MASKED)
-        acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 4 * half + 3, V_BITS, VPER, V_GROUP, MASKED)
-        l_i = l_i * alpha + gl.sum((p0 + p1) + (p2 + p3), 0)
-        m_i = m_new
-    return acc, m_i, l_i
+    s0 = _scores(qb, klo, khi, ksc, kzr, zs, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+    s1 = _scores(qb, klo, khi, ksc, kzr, zs, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+    s2 = _scores(qb, klo, khi, ksc, kzr, zs, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+    s3 = _scores(qb, klo, khi, ksc, kzr, zs, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+    mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
+    m_new = gl.maximum(m_i, gl.max(mx, 0))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    acc = acc * gl.expand_dims(alpha, 0)
+    ms = gl.expand_dims(m_safe, 0)
+    p0 = gl.exp2(s0 - ms)
+    p1 = gl.exp2(s1 - ms)
+    p2 = gl.exp2(s2 - ms)
+    p3 = gl.exp2(s3 - ms)
+    acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED)
+    acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED)
+    acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED)
+    acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED)
+    l_i = l_i * alpha + gl.sum((p0 + p1) + (p2 + p3), 0)
+    return acc, m_new, l_i
 
 
-@gluon.jit
+# sizes are runtime values: specialising on them (== 1, multiples of 16) would recompile as a decode cache grows, and
+# resident_programs() must see the registers of the kernel that launches
+_SIZES = ["KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX", "COLBASE", "NEWR", "LQ",
+          "SPLIT_OFF", "S_TOTAL", "NSPLIT"]
+
+
+@gluon.jit(do_not_specialize=_SIZES)
 def _kivi_attn_kernel(
     q_ptr, out_ptr, lse_ptr, s_ptr, k_data, k_scale, k_zero, v_data, v_scale, v_zero,
     meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
@@ -378,16 +397,17 @@ def _kivi_attn_kernel(
     l_i = gl.full([8], 0.0, gl.float32, layout=COL_L)
     acc = gl.zeros([128, 8], gl.float32, layout=MMA)
     zs = gl.zeros([16, 8], gl.float32, layout=MMA)
-    for t in range(t_lo, t_hi):
-        T0 = abeg + t * 128
+    for ht in range(2 * t_lo, 2 * t_hi):  # half tiles
+        T0 = abeg + (ht // 2) * 128
+        w = ht % 2
         inner = (T0 >= kbeg) & (T0 + 128 <= kbeg + cnt) & (T0 + 128 <= new0)
         if inner:
-            acc, m_i, l_i = _tile(acc, m_i, l_i, qb, zs, T0, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+            acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, K_GROUP,
                                   V_BITS, V_GROUP, WANT_SCORES, False)
         else:
-            acc, m_i, l_i = _tile(acc, m_i, l_i, qb, zs, T0, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+            acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, K_GROUP,
                                   V_BITS, V_GROUP, WANT_SCORES, True)
@@ -428,6 +448,31 @@ def disable(exc: Exception) -> None:
     warnings.warn(f"Gluon KIVI kernel disabled, using the Triton kernel: {type(exc).__name__}: {exc}", stacklevel=3)
 
 
+_RESIDENT: dict = {}
+
+
+def resident_programs(plan) -> int:
+    """One-warp programs of this pair's kernel that fit on an SM at once, from the compiled kernel's registers (each
+    of the SM's 4 schedulers has 16K registers; a warp takes its per-thread count rounded up to 8, times 32);
+    compiled once per configuration."""
+    if PROGRAMS_PER_SM:
+        return PROGRAMS_PER_SM
+    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG)
+    if key not in _RESIDENT:
+        i64 = torch.int64
+        kern = _kivi_attn_kernel.warmup(
+            torch.float16, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
+            plan.v.data, plan.v.scale, plan.v.zero, i64, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
+            2, 2, 1.0, K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
+            UNIFORM=plan.uniform, WANT_SCORES=False, grid=(1,), num_warps=1, maxnreg=MAXNREG)
+        kern._init_handles()
+        regs = max(int(kern.n_regs), 1)
+        # each of the 4 schedulers of an SM owns a quarter of the register file (16K): a warp needs
+        # regs (rounded up to 8) x 32 of it
+        _RESIDENT[key] = max(1, min(32, 4 * (16384 // (-(-regs // 8) * 8 * 32))))
+    return _RESIDENT[key]
+
+
 def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> None:
     """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel)."""
     H, M, D = q.shape
@@ -438,7 +483,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
         plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
         scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
         K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
-        UNIFORM=plan.uniform, WANT_SCORES=want, num_warps=1,
+        UNIFORM=plan.uniform, WANT_SCORES=want, num_warps=1, maxnreg=MAXNREG,
     )
 
 

@@ -294,8 +294,6 @@ class PairPlan:
                      for sp in (kspec, vspec))
         self.packed = (kspec.fmt != DENSE or vspec.fmt != DENSE) and simple
         self.gluon = _gluon is not None and _gluon.pair_fits(kspec, vspec)  # served by kernels.gluon_attention
-        pps = (_gluon.PROGRAMS_PER_SM if self.gluon else PACKED_PROGRAMS_PER_SM) if self.packed else PROGRAMS_PER_SM
-        self.nsplit = nsplit if nsplit is not None else choose_splits(len(cnt), self.max_cnt, device, 4, pps)
         self.col_base, self.newr = col_base, newr
         kp, vp = _progression(kbeg), _progression(vbeg)
         self.uniform = kp is not None and vp is not None and len(set(cnt)) <= 1 and len(set(col)) <= 1
@@ -305,6 +303,13 @@ class PairPlan:
         else:
             self.meta = torch.tensor([kbeg, vbeg, cnt, col], dtype=torch.int64, device=device)
             self.scalars = (0, 0, 0, 0, 0, 0)
+        if nsplit is not None:
+            self.nsplit = nsplit
+        elif self.gluon and device.type == "cuda":
+            self.nsplit = self._gluon_splits(len(cnt), device)
+        else:
+            pps = PACKED_PROGRAMS_PER_SM if self.packed else PROGRAMS_PER_SM
+            self.nsplit = choose_splits(len(cnt), self.max_cnt, device, 4, pps)
         k_fast = kspec.fast and (kspec.fmt != CHANNEL or BLOCK_N % kspec.per == 0)
         self.align = BLOCK_N if kspec.fmt == CHANNEL and k_fast else 1
         v_fast = vspec.fast and vspec.fmt != CHANNEL
@@ -317,6 +322,20 @@ class PairPlan:
         self.fold_k = k_fast and kspec.fmt == CHANNEL and not kspec.has_out  # and one block per tile
         self.half_v = v_fast and vspec.fmt == TOKEN and (not vspec.has_out or self.v_corr) and vspec.bits > 0
         self.args = (*kspec.args(self.k_corr), *vspec.args(self.v_corr))
+
+    def _gluon_splits(self, n_heads: int, device: torch.device) -> int:
+        """Splits per head for the Gluon kernel: as many programs as fit on the GPU at once (one wave: no tail), and
+        no split without a 128-token tile."""
+        try:
+            fit = _gluon.resident_programs(self)
+        except Exception as exc:  # it cannot be built here: the Triton kernel will serve the plan
+            _gluon.disable(exc)
+            self.gluon = False
+            return choose_splits(n_heads, self.max_cnt, device, 4, PACKED_PROGRAMS_PER_SM)
+        tiles = max(1, math.ceil(self.max_cnt / 128))
+        want = max(1, fit * _num_sms(device) // max(n_heads, 1))
+        per = math.ceil(tiles / min(want, tiles))
+        return max(1, min(math.ceil(tiles / per), 256))
 
 
 def _device_of(spec: PartSpec) -> torch.device:
