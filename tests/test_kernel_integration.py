@@ -90,3 +90,33 @@ def test_plan_cache_holds_only_live_parts(spec):
         assert len(layer.attn.plans) <= len(layer.store.segments)
         if spec.startswith("qaq"):  # its packed segments outlive a step, so their plans are reused
             assert cached
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon kernel needs an NVIDIA GPU")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gluon_path_in_the_cache(bits, monkeypatch):
+    """A head-dim-128 fp16 KIVI cache decodes through the Gluon kernel (checked) with the reference path's logits
+    (fp16 tolerance), and 40 more decode steps over the growing cache do not compile it again."""
+    from kernels import gluon_attention as ga
+
+    taken = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
+    model = tiny_llama(8, 2, layers=2, head_dim=128).to("cuda").half()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(9)).to("cuda")
+    spec = f"kivi:bits={bits},group=32,residual=32"
+    out = {}
+    for backend in ("reference", "triton"):
+        set_backend(backend)
+        _, logits = run_cache(model, methods.parse_spec(spec), ids, n_decode=5, kv_dtype=torch.float16,
+                              tokens=[3, 1, 4, 1, 5])
+        out[backend] = torch.cat([x[0, -1].float() for x in logits[1:]])
+    assert taken, "the Gluon kernel was not used"
+    err = float((out["triton"] - out["reference"]).norm() / out["reference"].norm())
+    assert err < 1e-2, err
+    caches = getattr(ga._kivi_attn_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton version does not expose its kernel cache")
+    before = sum(len(c[0]) for c in caches.values())
+    run_cache(model, methods.parse_spec(spec), ids, n_decode=40, kv_dtype=torch.float16)
+    assert sum(len(c[0]) for c in caches.values()) == before
