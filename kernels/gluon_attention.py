@@ -12,14 +12,17 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
 * ``S^T [16 tokens, 8 queries] = K_chunk [16, 128] @ Q^T [128, 8]`` and
   ``O^T [128 channels, 8 queries] += V^T_chunk [128, 16] @ P^T [16, 8]``; ``P^T`` goes from the accumulator layout to
   the B-operand layout with two ``movmatrix.trans`` per chunk.
-* A tile is 128 tokens in 8 chunks of 16. Chunk ``i``'s row ``m`` is physical token ``16 (m % 8) + 2 i + m // 8`` of
-  the tile, so the lane that holds row ``m % 8`` holds tokens ``16 r .. 16 r + 15`` of every channel it owns: one
-  2-bit word (two 4-bit words) of a per-channel key block per channel, loaded once per tile.
+* A tile is 128 tokens in 8 chunks of 16, walked in two halves of 4 chunks. Chunk ``i``'s row ``m`` is physical
+  token ``16 (m % 8) + 2 i + m // 8`` of the tile, so the lane that holds row ``m % 8`` holds tokens
+  ``16 r .. 16 r + 15`` of every channel it owns: one 2-bit word (two 4-bit words) of a per-channel key block per
+  channel, of which a half tile needs one half (one 4-bit word).
 * For the values, output row ``m`` is physical channel ``16 (m % 8) + m // 8``: the lane holding row ``m % 8`` holds
   channels ``16 r .. 16 r + 15``, one 2-bit word (two 4-bit words) per token.
 * A fragment register holds two fp16 values: two adjacent channels (keys) or two tokens 16 apart (values). Their two
-  words are merged once with two ``prmt`` (low halves / high halves); then each pair is one shift, one ``lop3`` into
-  fp16 1024 + code, one ``sub.f16x2`` and one ``fma.rn.f16x2`` (scale, zero): no int-to-float conversion.
+  words are merged with ``prmt`` (low halves / high halves); then each pair is one shift, one ``lop3`` into fp16
+  1024 + code, one ``sub.f16x2`` and one ``fma.rn.f16x2`` (scale, zero): no int-to-float conversion.
+* Launch: as many one-warp programs as fit on the GPU at once (:func:`resident_programs`, from the compiled kernel's
+  registers), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
 * Token and channel permutations are free: the softmax sums over tokens, scores are stored at their physical
   columns and the output at its physical channels.
 
