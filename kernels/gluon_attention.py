@@ -142,27 +142,12 @@ def _merge_sel(w, sel, L3: gl.constexpr):
 
 
 @gluon.jit
-def _deq_k(x, sh, sc, zr, BITS: gl.constexpr):
-    """Key pairs: scale / zero pairs arrive as int32 words (two adjacent channels' fp16)."""
-    if BITS == 2:
-        y = gl.inline_asm_elementwise(DEQK2, "=r,r,r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
-                                      pack=2)
-    else:
-        y = gl.inline_asm_elementwise(DEQK4, "=r,r,r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
-                                      pack=2)
-    return y
-
-
-@gluon.jit
-def _deq_v(x, sh, sc, zr, BITS: gl.constexpr):
-    """Value pairs: scale / zero are the two tokens' fp16 values (packed into one register by ``pack=2``)."""
-    if BITS == 2:
-        y = gl.inline_asm_elementwise(DEQV2, "=r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
-                                      pack=2)
-    else:
-        y = gl.inline_asm_elementwise(DEQV4, "=r,r,r,r,r,r,r", [x, sh, sc, zr], dtype=gl.float16, is_pure=True,
-                                      pack=2)
-    return y
+def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr):
+    """fp16 pairs from merged words (PTX of :func:`_deq_asm`). Keys: scale / zero pairs arrive as int32 words (two
+    adjacent channels' fp16); values: as the two tokens' fp16 values (packed into one register by ``pack=2``)."""
+    ASM: gl.constexpr = (DEQK2 if BITS == 2 else DEQK4) if KEY else (DEQV2 if BITS == 2 else DEQV4)
+    CON: gl.constexpr = "=r,r,r,r,r,r,r,r,r" if KEY else "=r,r,r,r,r,r,r"
+    return gl.inline_asm_elementwise(ASM, CON, [x, sh, sc, zr], dtype=gl.float16, is_pure=True, pack=2)
 
 
 @gluon.jit
@@ -206,7 +191,7 @@ def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.conste
     sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sh, 1), 2), 3), 4) + zero5
     s5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(sc, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
     z5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(zr, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
-    y = _deq_k(x, sh, s5, z5, BITS)
+    y = _deq(x, sh, s5, z5, BITS, True)
     return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
 
 
@@ -247,7 +232,7 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
     sh = BITS * (j % HALF)
     s5 = gl.broadcast(gl.expand_dims(sc, 0), x)[0]
     z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
-    y = _deq_v(x, sh, s5, z5, BITS)
+    y = _deq(x, sh, s5, z5, BITS, False)
     return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
 
@@ -454,6 +439,12 @@ def disable(exc: Exception) -> None:
 _RESIDENT: dict = {}
 
 
+def _consts(plan, want_scores: bool) -> dict:
+    """Compile-time and launch options of ``plan``'s kernel."""
+    return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
+                UNIFORM=plan.uniform, WANT_SCORES=want_scores, num_warps=1, maxnreg=MAXNREG)
+
+
 def resident_programs(plan) -> int:
     """One-warp programs of this pair's kernel that fit on an SM at once, from the compiled kernel's registers (each
     of the SM's 4 schedulers has 16K registers; a warp takes its per-thread count rounded up to 8, times 32);
@@ -466,8 +457,7 @@ def resident_programs(plan) -> int:
         kern = _kivi_attn_kernel.warmup(
             torch.float16, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, i64, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
-            2, 2, 1.0, K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
-            UNIFORM=plan.uniform, WANT_SCORES=False, grid=(1,), num_warps=1, maxnreg=MAXNREG)
+            2, 2, 1.0, grid=(1,), **_consts(plan, False))
         kern._init_handles()
         regs = max(int(kern.n_regs), 1)
         # each of the 4 schedulers of an SM owns a quarter of the register file (16K): a warp needs
@@ -485,8 +475,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
         plan.v.data, plan.v.scale, plan.v.zero,
         plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
         scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
-        K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
-        UNIFORM=plan.uniform, WANT_SCORES=want, num_warps=1, maxnreg=MAXNREG,
+        **_consts(plan, want),
     )
 
 
