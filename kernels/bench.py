@@ -7,6 +7,9 @@ packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), a
 and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V). Times are
 medians of CUDA-event timings (``triton.testing.do_bench``); bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
+``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop runs it; the host's Python
+launch cost is not in it); ``eager_us`` is one call launched from Python each time, host cost included (it dominates at
+short contexts).
 The prefill rows compare quantize+pack of one layer's K and V with SDPA causal prefill at the same length.
 """
 
@@ -106,6 +109,15 @@ def _flash():
         return None
 
 
+def _times(fn) -> tuple[float, float]:
+    """(graph, eager) median ms of one call: replayed from a CUDA graph, and launched from Python each time (with
+    ``do_bench``'s L2 flush in between)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    eager = do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return do_bench_cudagraph(fn, rep=100, return_mode="median"), eager
+
+
 def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> list[dict]:
     from triton.testing import do_bench
 
@@ -120,27 +132,27 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
     fp16_bytes = _nbytes(k, v, q)
     rows = []
 
-    def add(method, ms, nbytes, kernel="torch"):
+    def add(method, times, nbytes, kernel="torch"):
+        ms, eager = times
         bw = nbytes / (ms * 1e-3)
         rows.append(dict(context=T, batch=B, method=method, kernel=kernel, time_us=round(ms * 1e3, 2), bytes=nbytes,
-                         gbps=round(bw / 1e9, 1), frac_copy_bw=round(bw / copy_bw, 3)))
+                         gbps=round(bw / 1e9, 1), frac_copy_bw=round(bw / copy_bw, 3),
+                         eager_us=round(eager * 1e3, 2)))
 
-    ms = do_bench(lambda: F.scaled_dot_product_attention(q, k4, v4, scale=scale, enable_gqa=True), warmup=25,
-                  rep=200, return_mode="median")
-    add("sdpa-fp16", ms, fp16_bytes)
-    t_sdpa = ms
+    times = _times(lambda: F.scaled_dot_product_attention(q, k4, v4, scale=scale, enable_gqa=True))
+    add("sdpa-fp16", times, fp16_bytes)
+    t_sdpa = times[0]
     fl = _flash()
     if fl is not None:
         qf, kf, vf = q.transpose(1, 2), k4.transpose(1, 2).contiguous(), v4.transpose(1, 2).contiguous()
-        add("flash-attn-fp16", do_bench(lambda: fl(qf, kf, vf, softmax_scale=scale), return_mode="median"),
-            fp16_bytes)
+        add("flash-attn-fp16", _times(lambda: fl(qf, kf, vf, softmax_scale=scale)), fp16_bytes)
         del kf, vf
     qg = q.view(B, hkv, g, d).reshape(B * hkv, g, d)
     for name, pairs in data["cases"].items():
         plans = plans_for(pairs, q.device)
         nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(q)
-        ms = do_bench(lambda plans=plans: attend_pairs(qg, plans, scale), warmup=25, rep=200, return_mode="median")
-        add(name, ms, nbytes, "gluon" if all(gluon_serves(p, qg) for p in plans) else "triton")
+        add(name, _times(lambda plans=plans: attend_pairs(qg, plans, scale)), nbytes,
+            "gluon" if all(gluon_serves(p, qg) for p in plans) else "triton")
     for r in rows:
         r["byte_ratio"] = round(fp16_bytes / r["bytes"], 3)
         r["speedup_vs_sdpa"] = round(t_sdpa / (r["time_us"] * 1e-3), 3)
@@ -161,7 +173,7 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
 
 
 COLS = ["context", "batch", "method", "kernel", "time_us", "bytes", "gbps", "frac_copy_bw", "byte_ratio",
-        "speedup_vs_sdpa", "speedup_over_byte_ratio", "prefill_sdpa_us", "quant_over_prefill"]
+        "speedup_vs_sdpa", "speedup_over_byte_ratio", "eager_us", "prefill_sdpa_us", "quant_over_prefill"]
 
 
 SWEEP = [  # (BLOCK_N, num_warps, num_stages, programs per SM, BLOCK_O, fast loaders, fold K scales, fp16 V dequant)

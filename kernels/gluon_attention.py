@@ -1,5 +1,5 @@
 """Gluon decode attention for KIVI-like fp16 pairs: per-channel keys + per-token values, dequantized in registers
-straight into the tensor-core operand layout (no shared-memory round trip).
+straight into the tensor-core operand layout (no fp16 tile goes through shared memory).
 
 Why a second kernel: the Triton kernel (:mod:`kernels.triton_attention`) expands codes in a blocked layout and lets the
 compiler move the fp16 tile into the ``mma`` operand layout through shared memory; on the H100 that conversion, the
@@ -12,23 +12,31 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
 * ``S^T [16 tokens, 8 queries] = K_chunk [16, 128] @ Q^T [128, 8]`` and
   ``O^T [128 channels, 8 queries] += V^T_chunk [128, 16] @ P^T [16, 8]``; ``P^T`` goes from the accumulator layout to
   the B-operand layout with two ``movmatrix.trans`` per chunk.
-* A tile is 128 tokens in 8 chunks of 16, walked in two halves of 4 chunks. Chunk ``i``'s row ``m`` is physical
-  token ``16 (m % 8) + 2 i + m // 8`` of the tile, so the lane that holds row ``m % 8`` holds tokens
-  ``16 r .. 16 r + 15`` of every channel it owns: one 2-bit word (two 4-bit words) of a per-channel key block per
-  channel, of which a half tile needs one half (one 4-bit word).
+* A tile is 128 tokens in 8 chunks of 16, walked in two halves of 4 chunks. For 2-bit keys, row ``m`` of chunk
+  ``i`` of half ``w`` is physical token ``8 w + 16 (m % 8) + 2 i + m // 8`` of the tile, so the lane that holds row
+  ``r = m % 8`` holds tokens ``16 r .. 16 r + 15`` of every channel it owns: one word of a per-channel key block, of
+  which a half tile uses one half. For 4-bit keys it is token ``64 w + 8 (m % 8) + 2 i + m // 8``: each half tile
+  uses one 8-token word per lane and channel, and the two halves are the tile's two 64-token halves.
 * For the values, output row ``m`` is physical channel ``16 (m % 8) + m // 8``: the lane holding row ``m % 8`` holds
   channels ``16 r .. 16 r + 15``, one 2-bit word (two 4-bit words) per token.
-* A fragment register holds two fp16 values: two adjacent channels (keys) or two tokens 16 apart (values). Their two
-  words are merged with ``prmt`` (low halves / high halves); then each pair is one shift, one ``lop3`` into fp16
-  1024 + code, one ``sub.f16x2`` and one ``fma.rn.f16x2`` (scale, zero): no int-to-float conversion.
+* A fragment register holds two fp16 values: two adjacent channels (keys) or two tokens (values). Their two words
+  are merged with ``prmt`` (low halves / high halves); then each pair is three instructions: a rotation puts the code
+  on the top mantissa bits (``10 - bits`` and up), a ``lop3`` ors it into fp16 1024, and one ``fma.rn.f16x2`` with
+  the prepared scale ``s 2^(bits - 10)`` and bias ``z - 1024 s 2^(bits - 10)`` gives ``code s + z`` (no int-to-float
+  conversion, no subtraction). The bias is ``z - 4 s`` (2 bits) or ``z - 16 s`` (4 bits): it overflows only for a
+  group whose values come within ``4 s`` / ``16 s`` of the fp16 limit.
+* 2-bit keys are staged: each tile's key words, scales and zeros are copied to shared memory with ``cp.async`` one
+  tile ahead (16-byte copies of the contiguous tile, an XOR swizzle against bank conflicts) and read from there in the
+  register layout. Values and 4-bit keys load straight into registers.
+* Registers are capped at 168 per thread, so 3 one-warp programs fit per scheduler (12 per SM).
 * Launch: as many one-warp programs as fit on the GPU at once (:func:`resident_programs`, from the compiled kernel's
-  registers), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
+  registers and shared memory), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
 * Token and channel permutations are free: the softmax sums over tokens, scores are stored at their physical
   columns and the output at its physical channels.
 
 Scope (:func:`supports`): fp16 queries, ``d = 128``, at most 8 query rows per KV head, ChannelQuant keys and
-TokenQuant values of 2 or 4 bits without outliers, key blocks and value groups multiples of 16. Everything else runs
-on :mod:`kernels.triton_attention`.
+TokenQuant values of 2 or 4 bits without outliers, key blocks of 16, 32, 64 or 128 tokens and value groups multiples
+of 16 up to 128. Everything else runs on :mod:`kernels.triton_attention`.
 """
 
 from __future__ import annotations
@@ -39,13 +47,18 @@ import warnings
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 ENABLED = os.environ.get("KV_GLUON", "1") == "1"
 # programs per SM (splits per head follow from it): by default as many as fit at once (the compiled kernel's
 # registers decide), so every program of a launch is resident in one wave; the env var forces a number
 PROGRAMS_PER_SM = int(os.environ.get("KV_GLUON_PROGRAMS_PER_SM", 0))
-MAXNREG = int(os.environ.get("KV_GLUON_MAXNREG", 0)) or None  # register cap per thread (experiments)
+# register cap per thread: 168 lets 3 one-warp programs share each scheduler (12 per SM); 0 removes the cap
+MAXNREG = int(os.environ.get("KV_GLUON_MAXNREG", 168)) or None
+# 2-bit keys: stage each tile's key words and scales in shared memory with cp.async one tile ahead (0: load them
+# per half tile)
+STAGE_K = os.environ.get("KV_GLUON_STAGE", "1") == "1"
+SMEM_PER_SM = 228 * 1024  # H100 / H200: shared memory per SM (1 KB of it reserved per resident program)
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -76,15 +89,26 @@ def _merge_asm() -> str:
 
 
 def _deq_asm(bits: int, key: bool) -> str:
-    """Per fragment register: ``$0`` fp16x2 out; ``$1, $2`` the merged word (twice); ``$3, $4`` the shift (twice);
-    then the scale and zero pairs: int32 words ``$5, $6`` / ``$7, $8`` (keys) or packed fp16 ``$5`` / ``$6`` (values).
-    """
-    mask = (1 << bits) - 1
+    """Per fragment register: ``$0`` fp16x2 out; ``$1, $2`` the merged word (twice); ``$3, $4`` the rotation
+    (twice); then the prepared scale and bias pairs (:func:`_prep_asm`): int32 words ``$5, $6`` / ``$7, $8`` (keys)
+    or packed fp16 ``$5`` / ``$6`` (values).
+
+    Three instructions per pair: a rotation brings each half's code to mantissa bits ``10 - bits`` and up, ``lop3``
+    ors it into fp16 1024 (so the half is ``1024 + code * 2^(10 - bits)``, exact), and one ``fma`` with the scale
+    ``s * 2^(bits - 10)`` and the bias ``z - 1024 * s * 2^(bits - 10)`` gives ``code * s + z``."""
+    mask = ((1 << bits) - 1) << (10 - bits)
     sc, zr = ("$5", "$7") if key else ("$5", "$6")
     return "\n".join([
         "{", ".reg .b32 t, k, m;", "mov.b32 k, 0x64006400;", f"mov.b32 m, {mask | mask << 16};",
-        "shr.u32 t, $1, $3;", "lop3.b32 t, t, m, k, 0xEA;", "sub.f16x2 t, t, k;", f"fma.rn.f16x2 $0, t, {sc}, {zr};",
-        "}"])
+        "shf.l.wrap.b32 t, $1, $1, $3;", "lop3.b32 t, t, m, k, 0xEA;", f"fma.rn.f16x2 $0, t, {sc}, {zr};", "}"])
+
+
+def _prep_asm(bits: int) -> str:
+    """Key scale / zero pairs (int32 words of two fp16) -> ``$0`` = scale x 2^(bits - 10), ``$1`` = zero - 1024 x
+    that (one rounding: the product is exact)."""
+    f = {2: 0x1C00, 4: 0x2400}[bits]  # fp16 2^-8, 2^-6
+    return "\n".join(["{", ".reg .b32 f, n;", f"mov.b32 f, {f | f << 16};", "mov.b32 n, 0xE400E400;",
+                      "mul.rn.f16x2 $0, $2, f;", "fma.rn.f16x2 $1, $0, n, $3;", "}"])
 
 
 MERGE: gl.constexpr = gl.constexpr(_merge_asm())
@@ -93,7 +117,97 @@ DEQK2: gl.constexpr = gl.constexpr(_deq_asm(2, True))
 DEQK4: gl.constexpr = gl.constexpr(_deq_asm(4, True))
 DEQV2: gl.constexpr = gl.constexpr(_deq_asm(2, False))
 DEQV4: gl.constexpr = gl.constexpr(_deq_asm(4, False))
+PREP2: gl.constexpr = gl.constexpr(_prep_asm(2))
+PREP4: gl.constexpr = gl.constexpr(_prep_asm(4))
 TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+
+
+# ---- shared-memory staging of key tiles (cp.async one tile ahead) ------------------------------------------------
+# A 128-token key tile of a ChannelQuant part whose blocks divide 128 is one contiguous run of words in memory
+# (blocks [b, 128 channels, words per channel]), so it is copied flat, 16 bytes per cp.async. Each lane then reads its
+# own words from a second view of the same bytes, indexed like the register layout (run r, channel 8f + 2a + e; for 4
+# bits also the half tile w). An XOR swizzle moves lane bits that would fall outside the bank bits (offset bits 0-4)
+# onto free bank bits >= 2 (bits 0-1 stay put, so each 16-byte copy stays contiguous).
+
+
+@gluon.constexpr_function
+def _swizzle_pairs(lane_pos: list) -> list:
+    """XOR pairs ``(source bit, target bit)`` giving lane bits at word offsets >= 5 a free bank bit in 2..4."""
+    used = {p for p in lane_pos if p < 5}
+    pairs = []
+    for p in lane_pos:
+        free = [t for t in range(2, 5) if t not in used]
+        if p >= 5 and free:
+            pairs.append((p, free[0]))
+            used.add(free[0])
+    return pairs
+
+
+@gluon.constexpr_function
+def _swz(g: int, pairs: list) -> int:
+    """The swizzle (an involution: sources are never targets)."""
+    for src, dst in pairs:
+        if g >> src & 1:
+            g ^= 1 << dst
+    return g
+
+
+@gluon.constexpr_function
+def _key_word_maps(kg: int) -> tuple:
+    """Offset bases of one stage's flat view ``[1024]`` and of the read view ``[8 r, 16 f, 4 a, 2 e]`` of a 2-bit key
+    tile's words. Word ``g`` of a tile is ``(b * 128 + c) * WPB + j`` (block b, channel c, word j of the block's WPB
+    = kg / 16 per channel); it holds tokens ``16 u .. 16 u + 15`` of the tile, ``u = b WPB + j`` = the lane row r."""
+    wpb = kg // 16
+    jb = wpb.bit_length() - 1
+
+    def upos(ub):  # word-offset bit of bit ub of u
+        return ub if ub < jb else ub + 7
+
+    pairs = _swizzle_pairs([upos(0), upos(1), upos(2), jb + 1, jb + 2])
+
+    def coords(g):
+        j, c, b = g & (wpb - 1), (g >> jb) & 127, g >> (jb + 7)
+        return [b * wpb + j, c >> 3, (c >> 1) & 3, c & 1]
+
+    gs = [_swz(1 << k, pairs) for k in range(10)]
+    return [[g] for g in gs], [coords(g) for g in gs]
+
+
+@gluon.constexpr_function
+def _key_meta_maps() -> tuple:
+    """Offset bases of one stage's flat view ``[8 r, 64 p]`` and of the read view ``[8 r, 16 f, 4 a]`` of a tile's
+    key scales (or zeros) as int32 channel pairs ``p = 4 f + a``, copied once per lane row (word ``64 r + p``)."""
+    pairs = _swizzle_pairs([0, 1, 6, 7, 8])
+    gs = [_swz(1 << k, pairs) for k in range(9)]
+    return [[g >> 6, g & 63] for g in gs], [[g >> 6, (g & 63) >> 2, g & 3] for g in gs]
+
+
+@gluon.constexpr_function
+def _kwords_layout(kg, read):
+    flat, rd = _key_word_maps(kg)
+    return gl.SharedLinearLayout(rd if read else flat)
+
+
+@gluon.constexpr_function
+def _kmeta_layout(read):
+    flat, rd = _key_meta_maps()
+    return gl.SharedLinearLayout(rd if read else flat)
+
+
+# Triton 3.6 and later releases name these differently
+_REINTERPRET = getattr(gl.shared_memory_descriptor, "reinterpret", None) or gl.shared_memory_descriptor._reinterpret
+_CP_ASYNC = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_BARRIER = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+@gluon.jit
+def _view(smem, shape: gl.constexpr, layout: gl.constexpr):
+    """The same int32 shared memory as ``shape`` with ``layout``."""
+    return _REINTERPRET(smem, gl.int32, shape, layout)
+
+
+CP1: gl.constexpr = gl.constexpr(gl.BlockedLayout([4], [32], [1], [0]))  # flat copies, 16 bytes per lane
+CP2: gl.constexpr = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [1, 1], [1, 0]))  # [8 r, 64 p] meta copies
 
 
 @gluon.jit
@@ -142,6 +256,19 @@ def _merge_sel(w, sel, L3: gl.constexpr):
 
 
 @gluon.jit
+def _prep_key(sc, zr, BITS: gl.constexpr):
+    """Key scale / zero int32 pairs -> (scale x 2^(BITS - 10), zero - 1024 x that) pairs for :func:`_deq`."""
+    ASM: gl.constexpr = PREP2 if BITS == 2 else PREP4
+    return gl.inline_asm_elementwise(ASM, "=r,=r,r,r", [sc, zr], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _rot(j, BITS: gl.constexpr):
+    """Left rotation that brings code ``j`` of a 16-bit half to mantissa bits ``10 - BITS`` and up."""
+    return (10 - BITS - BITS * j + 32) % 32
+
+
+@gluon.jit
 def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr):
     """fp16 pairs from merged words (PTX of :func:`_deq_asm`). Keys: scale / zero pairs arrive as int32 words (two
     adjacent channels' fp16); values: as the two tokens' fp16 values (packed into one register by ``pack=2``)."""
@@ -151,26 +278,48 @@ def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr):
 
 
 @gluon.jit
-def _key_words(kptr, row0, k_nrows, w, KG: gl.constexpr, KPER: gl.constexpr, MASKED: gl.constexpr):
-    """Merged key words of half ``w`` (runtime 0 / 1) of each lane's 16-token run, per channel pair, as ``(lo, hi)``
-    ``[8 r, 16 f, 4 a]``: for 2 bits the half is one half of the lane's word (``lo``; ``hi`` unused), for 4 bits
-    word ``w`` (its low and high halves). ``kptr`` holds each element's channel offset; ``row0`` each lane's first
-    token."""
-    if KPER == 16:
-        row = row0
-    else:
-        row = row0 + w * KPER
+def _key_words(kptr, row0, k_nrows, KG: gl.constexpr, KPER: gl.constexpr, MASKED: gl.constexpr):
+    """Key words of each lane's token run, from global memory, ``[8 r, 16 f, 4 a, 2 e]``. ``kptr`` holds each
+    element's channel offset; ``row0`` each lane's first token."""
+    row = row0
     ptr = kptr + ((row // KG).to(gl.int64) * 128 * (KG // KPER) + (row % KG) // KPER)
     if MASKED:
         wd = gl.load(ptr, mask=row < k_nrows, other=0)
     else:
         wd = gl.load(ptr)
+    return wd
+
+
+@gluon.jit
+def _merge_key(wd, w, KPER: gl.constexpr):
+    """Merged key words as ``(lo, hi)`` ``[8 r, 16 f, 4 a]`` per channel pair: for 2 bits half ``w`` of the lane's
+    word (``lo``; ``hi`` unused), for 4 bits word ``w``'s low and high halves."""
     if KPER == 16:
         lo = _merge_sel(wd, 0x5410 + w * (0x7632 - 0x5410) + gl.zeros_like(wd), K3)
         hi = lo
     else:
         lo, hi = _merge(wd, K3)
     return lo, hi
+
+
+@gluon.jit
+def _issue_keys(kflat, sflat, zflat, st, T0, k_data, k_scale2, k_zero2, k_nrows, KG: gl.constexpr):
+    """cp.async the 2-bit key tile at ``T0`` (its words, and its scales / zeros once per lane row) into stage
+    ``st``."""
+    KW: gl.constexpr = 1024
+    WPB: gl.constexpr = KG // 16
+    blk = T0 // KG
+    g = gl.arange(0, KW, layout=CP1)
+    gb = blk.to(gl.int64) * (128 * WPB)
+    nw = (k_nrows // KG).to(gl.int64) * (128 * WPB)
+    _CP_ASYNC(kflat.index(st), k_data + (gb + g), mask=gb + g < nw)
+    r = gl.arange(0, 8, layout=gl.SliceLayout(1, CP2))
+    pp = gl.arange(0, 64, layout=gl.SliceLayout(0, CP2))
+    mb = blk + (16 * r) // KG
+    moff = gl.expand_dims(mb.to(gl.int64) * 64, 1) + gl.expand_dims(pp, 0)
+    mmask = gl.expand_dims(mb * KG < k_nrows, 1) & gl.expand_dims(pp < 64, 0)
+    _CP_ASYNC(sflat.index(st), k_scale2 + moff, mask=mmask)
+    _CP_ASYNC(zflat.index(st), k_zero2 + moff, mask=mmask)
 
 
 @gluon.jit
@@ -187,7 +336,7 @@ def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.conste
     x = gl.expand_dims(gl.expand_dims(gl.convert_layout(src, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0)
     x = x + zero5
     hh = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
-    sh = BITS * ((j0 + hh) % HALF)
+    sh = _rot((j0 + hh) % HALF, BITS)
     sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sh, 1), 2), 3), 4) + zero5
     s5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(sc, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
     z5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(zr, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
@@ -229,9 +378,10 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
         lo1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(lo1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
         hi1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
         x = gl.where(tt < VPER, x, gl.where(j < HALF, lo1 + zero5, hi1 + zero5))
-    sh = BITS * (j % HALF)
-    s5 = gl.broadcast(gl.expand_dims(sc, 0), x)[0]
-    z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
+    sh = _rot(j % HALF, BITS)
+    sp = sc * (0.00390625 if BITS == 2 else 0.015625)  # x 2^(BITS - 10), exact
+    s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
+    z5 = gl.broadcast(gl.expand_dims(zr - sp * 1024.0, 0), x)[0]
     y = _deq(x, sh, s5, z5, BITS, False)
     return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
@@ -273,23 +423,34 @@ def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_B
 @gluon.jit
 def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
           k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
-          COLBASE, col, LQ, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
-          V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
+          COLBASE, col, LQ, kw_st, ks_st, kz_st, K_BITS: gl.constexpr, K_GROUP: gl.constexpr,
+          V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr,
+          STAGED: gl.constexpr):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
-    ``P V``. Halves keep only half of each lane's key words in registers."""
+    ``P V``. Halves keep only half of each lane's key words in registers. With ``STAGED`` the key words come from the
+    shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage; otherwise from global memory."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
-    # each lane's 16 tokens lie in one key block: its scales / zeros as int32 pairs (two channels' fp16)
-    row0 = T0 + krow_l
-    kbo = (row0 // K_GROUP).to(gl.int64) * 64
-    if MASKED:
-        ksc = gl.load(k_scale2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
-        kzr = gl.load(k_zero2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+    HOFF: gl.constexpr = 8 if K_BITS == 2 else 64  # first token of half w (minus trow + 2 i): T0 + HOFF w
+    WOFF: gl.constexpr = 0 if K_BITS == 2 else 64  # first token of the half's key words: T0 + WOFF w + lane run
+    if STAGED:
+        ksc = ks_st.load(K3)
+        kzr = kz_st.load(K3)
+        wd = kw_st.load(K4)
     else:
-        ksc = gl.load(k_scale2 + kbo + ks_off)
-        kzr = gl.load(k_zero2 + kbo + ks_off)
-    klo, khi = _key_words(k_data + kc_off, T0 + krow_w, k_nrows, w, K_GROUP, KPER, MASKED)
-    T8 = T0 + 8 * w  # chunk 4w's physical tokens are T8 + trow
+        # each lane's 16 tokens lie in one key block: its scales / zeros as int32 pairs (two channels' fp16)
+        row0 = T0 + WOFF * w + krow_l
+        kbo = (row0 // K_GROUP).to(gl.int64) * 64
+        if MASKED:
+            ksc = gl.load(k_scale2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+            kzr = gl.load(k_zero2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+        else:
+            ksc = gl.load(k_scale2 + kbo + ks_off)
+            kzr = gl.load(k_zero2 + kbo + ks_off)
+        wd = _key_words(k_data + kc_off, T0 + WOFF * w + krow_w, k_nrows, K_GROUP, KPER, MASKED)
+    klo, khi = _merge_key(wd, w, KPER)
+    ksc, kzr = _prep_key(ksc, kzr, K_BITS)
+    T8 = T0 + HOFF * w  # the half's chunk i has physical tokens T8 + trow + 2 i
     vrow0 = T8 - kbeg + vbeg
     vptr = v_data + (vrow0 * (128 // VPER) + vw_off)
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
@@ -332,10 +493,12 @@ def _kivi_attn_kernel(
     meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
     SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
-    UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr,
+    UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
+    # a lane's key run per half tile: 2 bits: one word of 16 tokens (each half uses half of it); 4 bits: one word of 8
+    RUN: gl.constexpr = 16 if K_BITS == 2 else 8
     gl.static_assert(K_GROUP % 16 == 0)
     hd = gl.program_id(0)
     sp = gl.program_id(1)
@@ -369,14 +532,14 @@ def _kivi_attn_kernel(
     kc_off = (2 * a) * (K_GROUP // KPER) + (8 * f + e) * (K_GROUP // KPER)  # channel offset in a key block's words
     kr, kf, ka = _idx3(K3, 8, 16, 4)
     ks_off = ka + 4 * kf  # channel-pair offset of the int32 scale pairs
-    krow_l = 16 * kr  # each lane's first token in the tile
-    krow_w = 16 * r
+    krow_l = RUN * kr  # each lane's first token in the half tile's key words (plus WOFF w)
+    krow_w = RUN * r
     vr, vh, va, ve = _idx4(V4, 8, 2, 4, 2)
-    vrow_off = 32 * va + (16 * ve + vh)  # value row (minus 2 i) of each element of a chunk
-    vw_off = (32 * va * (128 // VPER) + vr * (16 // VPER)) + (16 * ve + vh) * (128 // VPER)
-    vs_off = (32 * va * (128 // V_GROUP) + (16 * vr) // V_GROUP) + (16 * ve + vh) * (128 // V_GROUP)
+    vrow_off = 2 * RUN * va + (RUN * ve + vh)  # value row (minus 2 i) of each element of a chunk
+    vw_off = (2 * RUN * va * (128 // VPER) + vr * (16 // VPER)) + (RUN * ve + vh) * (128 // VPER)
+    vs_off = (2 * RUN * va * (128 // V_GROUP) + (16 * vr) // V_GROUP) + (RUN * ve + vh) * (128 // V_GROUP)
     rows = gl.arange(0, 16, layout=ROW_L)
-    trow = 16 * (rows % 8) + rows // 8  # physical token (minus 2 i) of each score row of a chunk
+    trow = RUN * (rows % 8) + rows // 8  # physical token (minus T8 + 2 i) of each score row of a chunk
     qcol = gl.arange(0, 8, layout=COL_L)
     k_scale2 = k_scale.to(gl.pointer_type(gl.int32), bitcast=True)
     k_zero2 = k_zero.to(gl.pointer_type(gl.int32), bitcast=True)
@@ -385,20 +548,50 @@ def _kivi_attn_kernel(
     l_i = gl.full([8], 0.0, gl.float32, layout=COL_L)
     acc = gl.zeros([128, 8], gl.float32, layout=MMA)
     zs = gl.zeros([16, 8], gl.float32, layout=MMA)
+    if STAGE_K:
+        # two stages of each tile's key words and key scales / zeros: tile t + 1 is copied while tile t is computed
+        gl.static_assert(K_BITS == 2)
+        kflat = gl.allocate_shared_memory(gl.int32, [2, 1024], _kwords_layout(K_GROUP, False))
+        kread = _view(kflat, [2, 8, 16, 4, 2], _kwords_layout(K_GROUP, True))
+        sflat = gl.allocate_shared_memory(gl.int32, [2, 8, 64], _kmeta_layout(False))
+        zflat = gl.allocate_shared_memory(gl.int32, [2, 8, 64], _kmeta_layout(False))
+        sread = _view(sflat, [2, 8, 16, 4], _kmeta_layout(True))
+        zread = _view(zflat, [2, 8, 16, 4], _kmeta_layout(True))
+        if t_lo < t_hi:
+            _issue_keys(kflat, sflat, zflat, 0, abeg + t_lo * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
+        async_copy.commit_group()
     for ht in range(2 * t_lo, 2 * t_hi):  # half tiles
         T0 = abeg + (ht // 2) * 128
         w = ht % 2
         inner = (T0 >= kbeg) & (T0 + 128 <= kbeg + cnt) & (T0 + 128 <= new0)
+        if STAGE_K:
+            st = ((ht // 2 - t_lo) % 2).to(gl.int32)
+            if w == 0:
+                if ht // 2 + 1 < t_hi:
+                    _issue_keys(kflat, sflat, zflat, 1 - st, T0 + 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
+                async_copy.commit_group()
+                async_copy.wait_group(1)  # this tile's copies have landed
+                _BARRIER()
+            kw_st = kread.index(st)
+            ks_st = sread.index(st)
+            kz_st = zread.index(st)
+        else:
+            kw_st = 0
+            ks_st = 0
+            kz_st = 0
         if inner:
             acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
-                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, K_GROUP,
-                                  V_BITS, V_GROUP, WANT_SCORES, False)
+                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
+                                  kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K)
         else:
             acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
-                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS, K_GROUP,
-                                  V_BITS, V_GROUP, WANT_SCORES, True)
+                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
+                                  kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K)
+        if STAGE_K:
+            if w == 1:
+                _BARRIER()  # every lane has read this stage before it is refilled
     has = l_i > 0
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -416,7 +609,7 @@ def pair_fits(k, v) -> bool:
 
     return (ENABLED and k.fmt == CHANNEL and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
             and not k.has_out and not v.has_out and k.d == 128 and v.d == 128
-            and k.group % 16 == 0 and v.group % 16 == 0 and v.group <= 128
+            and k.group in (16, 32, 64, 128) and v.group % 16 == 0 and v.group <= 128
             and all(t.dtype == torch.float16 and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
             and all(t.is_contiguous() for t in (k.data, k.scale, k.zero, v.data, v.scale, v.zero))
             and k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0)
@@ -442,7 +635,14 @@ _RESIDENT: dict = {}
 def _consts(plan, want_scores: bool) -> dict:
     """Compile-time and launch options of ``plan``'s kernel."""
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
-                UNIFORM=plan.uniform, WANT_SCORES=want_scores, num_warps=1, maxnreg=MAXNREG)
+                UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits),
+                num_warps=1, maxnreg=MAXNREG)
+
+
+def staged(k_bits: int) -> bool:
+    """Whether key tiles are staged in shared memory: 2-bit keys (4 bits would take 32 KB per program, so 6
+    programs per SM instead of 12, measured slower)."""
+    return STAGE_K and k_bits == 2
 
 
 def resident_programs(plan) -> int:
@@ -451,7 +651,7 @@ def resident_programs(plan) -> int:
     compiled once per configuration."""
     if PROGRAMS_PER_SM:
         return PROGRAMS_PER_SM
-    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG)
+    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K)
     if key not in _RESIDENT:
         i64 = torch.int64
         kern = _kivi_attn_kernel.warmup(
@@ -461,8 +661,10 @@ def resident_programs(plan) -> int:
         kern._init_handles()
         regs = max(int(kern.n_regs), 1)
         # each of the 4 schedulers of an SM owns a quarter of the register file (16K): a warp needs
-        # regs (rounded up to 8) x 32 of it
-        _RESIDENT[key] = max(1, min(32, 4 * (16384 // (-(-regs // 8) * 8 * 32))))
+        # regs (rounded up to 8) x 32 of it; shared memory: 1 KB reserved per resident program
+        by_regs = 4 * (16384 // (-(-regs // 8) * 8 * 32))
+        by_smem = SMEM_PER_SM // (int(kern.metadata.shared) + 1024)
+        _RESIDENT[key] = max(1, min(32, by_regs, by_smem))
     return _RESIDENT[key]
 
 
@@ -493,7 +695,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
                                    "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
     sig["sm_scale"] = "fp32"
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
-                 WANT_SCORES=want_scores)
+                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits))
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(_kivi_attn_kernel, sig, const)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1))

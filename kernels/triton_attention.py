@@ -201,32 +201,36 @@ def _attn_split_kernel(
 
 @triton.jit(do_not_specialize=["M", "S", "stride_h", "stride_s"])
 def _merge_kernel(out_p, lse_p, out_ptr, lse_ptr, M, S, stride_h, stride_s,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Combine ``S`` normalised partials ``[.., S, M, D]`` (strides in units of ``M*D`` / ``M``) by their lse."""
+                  D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Combine ``S`` normalised partials ``[.., S, M, D]`` (strides in units of ``M*D`` / ``M``) by their lse.
+
+    A program owns ``BLOCK_E`` of the head's ``M * D`` outputs and reads ``BLOCK_S`` splits at once (no chain of
+    dependent loads per split)."""
     h = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < M
-    m2 = mmask[:, None] & (offs_d < D)[None, :]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(0, S):
-        base = h * stride_h + s * stride_s
-        lse = tl.load(lse_p + base * M + offs_m, mask=mmask, other=float("-inf")) * 1.4426950408889634
-        o = tl.load(out_p + (base * M + offs_m[:, None]) * D + offs_d[None, :], mask=m2, other=0.0)
-        m_new = tl.maximum(m_i, lse)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)  # flattened (row, channel)
+    emask = e < M * D
+    row = e // D
+    m_i = tl.full([BLOCK_E], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_E], tl.float32)
+    acc = tl.zeros([BLOCK_E], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        m2 = (offs_s < S)[:, None] & emask[None, :]
+        base = (h * stride_h + offs_s * stride_s).to(tl.int64) * M
+        lse = tl.load(lse_p + base[:, None] + row[None, :], mask=m2, other=float("-inf")) * 1.4426950408889634
+        o = tl.load(out_p + base[:, None] * D + e[None, :], mask=m2, other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - safe)
-        w = tl.exp2(lse - safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
+        w = tl.exp2(lse - safe[None, :])
+        l_i = l_i * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w * o, 0)
         m_i = m_new
     has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = acc / tl.where(has, l_i, 1.0)
     lse_out = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(out_ptr + (h * M + offs_m[:, None]) * D + offs_d[None, :], out, mask=m2)
-    tl.store(lse_ptr + h * M + offs_m, lse_out, mask=mmask)
+    tl.store(out_ptr + h * M * D + e, out, mask=emask)
+    tl.store(lse_ptr + h * M + row, lse_out, mask=emask & (e % D == 0))
 
 
 @functools.cache
@@ -383,9 +387,10 @@ def merge_splits(out_p: torch.Tensor, lse_p: torch.Tensor, stride_h: int, stride
     M, D = out_p.shape[-2], out_p.shape[-1]
     out = new_empty((n_heads, M, D), torch.float32, out_p.device)
     lse = new_empty((n_heads, M), torch.float32, out_p.device)
-    block_m = min(16, triton.next_power_of_2(M))
-    _merge_kernel[(n_heads, triton.cdiv(M, block_m))](out_p, lse_p, out, lse, M, n_splits, stride_h, stride_s,
-                                                      D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m)
+    block_e = min(64, triton.next_power_of_2(M * D))  # 64 x 4 warps: 6.0 us for 64 heads x 24 splits on the H100
+    block_s = min(32, triton.next_power_of_2(n_splits))
+    _merge_kernel[(n_heads, triton.cdiv(M * D, block_e))](out_p, lse_p, out, lse, M, n_splits, stride_h, stride_s,
+                                                          D=D, BLOCK_S=block_s, BLOCK_E=block_e, num_warps=4)
     return out, lse
 
 

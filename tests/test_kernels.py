@@ -231,6 +231,28 @@ def test_merge_and_stats():
     assert torch.allclose(tot, torch.full_like(tot, M), atol=1e-4)
 
 
+@pytest.mark.parametrize("n_parts,M,d", [(45, 3, 40), (33, 1, 128), (1, 5, 8)])
+def test_merge_many_partials(n_parts, M, d):
+    """The split merge reads its partials in blocks of up to 32: more partials than one block, odd ``M * d``, and
+    empty partials (lse = -inf, as a split with no rows writes) combine exactly like the float64 reference."""
+    from kernels import triton_attention as ta
+
+    g = _gen(11)
+    H = 3
+    outs = [_randn(H, M, d, g=g) for _ in range(n_parts)]
+    lses = [_randn(H, M, g=g) * 4 for _ in range(n_parts)]
+    lses[0][1] = float("-inf")  # head 1 empty in partial 0
+    if n_parts > 2:
+        lses[2][:, 0] = float("-inf")
+    out, lse = ta.merge(outs, lses)
+    rout, rlse = ref.merge_partials([o.double() for o in outs], [x.double() for x in lses])
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin) and relerr(lse[fin], rlse[fin]) < 1e-5
+    assert relerr(out, rout) < 1e-5
+    none, none_lse = ta.merge([outs[0][:1]], [torch.full((1, M), float("-inf"), device=DEV)])
+    assert torch.isneginf(none_lse).all() and not torch.isnan(none).any()
+
+
 def test_backend_switch():
     with pytest.raises(ValueError):
         dispatch.set_backend("fast")
@@ -461,6 +483,50 @@ def test_gluon_kernel_builds_for_hopper(kbits, vbits, want):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "missing: [] shared: False" in r.stdout, r.stdout
+
+
+def _apply_bases(bases: list, o: int) -> tuple:
+    """A linear layout's coordinates of offset ``o`` (XOR of the bases of its set bits)."""
+    c = [0] * len(bases[0])
+    for k, b in enumerate(bases):
+        if o >> k & 1:
+            c = [x ^ y for x, y in zip(c, b)]
+    return tuple(c)
+
+
+@pytest.mark.parametrize("kg", [16, 32, 64, 128])
+def test_gluon_key_staging_layouts(kg):
+    """The two shared-memory views of a staged 2-bit key tile agree: the word each lane reads for (run r, channel
+    8f + 2a + e) is the tile's global word for tokens 16 r of that channel (blocks [b, 128 channels, kg / 16 words]);
+    16-byte copies stay contiguous, and one read instruction touches at least 16 banks (lanes r, a)."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    flat, read = ga._key_word_maps(kg)
+    wpb = kg // 16
+    seen = set()
+    for o in range(1024):
+        (g,) = _apply_bases(flat, o)
+        r, f, a, e = _apply_bases(read, o)
+        b, j = divmod(r, wpb)
+        assert g == (b * 128 + 8 * f + 2 * a + e) * wpb + j
+        seen.add(g)
+        if o % 4:  # a 16-byte copy: 4 consecutive offsets hold 4 consecutive words
+            assert g == _apply_bases(flat, o - 1)[0] + 1
+    assert len(seen) == 1024
+    where = {_apply_bases(read, o): o for o in range(1024)}
+    for f in range(16):
+        for e in range(2):
+            assert len({where[(r, f, a, e)] % 32 for r in range(8) for a in range(4)}) >= 16
+    mflat, mread = ga._key_meta_maps()
+    for o in range(512):
+        r, p = _apply_bases(mflat, o)
+        assert _apply_bases(mread, o) == (r, p // 4, p % 4)
+        if o % 4:
+            assert (r, p) == (lambda x: (x[0], x[1] + 1))(_apply_bases(mflat, o - 1))
+    mwhere = {_apply_bases(mread, o): o for o in range(512)}
+    for f in range(16):
+        assert len({mwhere[(r, f, a)] % 32 for r in range(8) for a in range(4)}) == 32
 
 
 def test_gluon_failure_falls_back_to_triton(monkeypatch):
