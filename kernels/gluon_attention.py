@@ -58,7 +58,6 @@ MAXNREG = int(os.environ.get("KV_GLUON_MAXNREG", 168)) or None
 # 2-bit keys: stage each tile's key words and scales in shared memory with cp.async one tile ahead (0: load them
 # per half tile)
 STAGE_K = os.environ.get("KV_GLUON_STAGE", "1") == "1"
-SMEM_PER_SM = 228 * 1024  # H100 / H200: shared memory per SM (1 KB of it reserved per resident program)
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -647,8 +646,8 @@ def staged(k_bits: int) -> bool:
 
 def resident_programs(plan) -> int:
     """One-warp programs of this pair's kernel that fit on an SM at once, from the compiled kernel's registers (each
-    of the SM's 4 schedulers has 16K registers; a warp takes its per-thread count rounded up to 8, times 32);
-    compiled once per configuration."""
+    of the SM's 4 schedulers has 16K registers; a warp takes its per-thread count rounded up to 8, times 32) and
+    shared memory (the SM's, less 1 KB reserved per program); compiled once per configuration."""
     if PROGRAMS_PER_SM:
         return PROGRAMS_PER_SM
     key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K)
@@ -663,7 +662,9 @@ def resident_programs(plan) -> int:
         # each of the 4 schedulers of an SM owns a quarter of the register file (16K): a warp needs
         # regs (rounded up to 8) x 32 of it; shared memory: 1 KB reserved per resident program
         by_regs = 4 * (16384 // (-(-regs // 8) * 8 * 32))
-        by_smem = SMEM_PER_SM // (int(kern.metadata.shared) + 1024)
+        props = torch.cuda.get_device_properties(plan.k.data.device)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)  # 228 KB on the H100 / H200
+        by_smem = smem // (int(kern.metadata.shared) + 1024)
         _RESIDENT[key] = max(1, min(32, by_regs, by_smem))
     return _RESIDENT[key]
 
