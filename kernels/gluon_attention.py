@@ -24,7 +24,9 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
   on the top mantissa bits (``10 - bits`` and up), a ``lop3`` ors it into fp16 1024, and one ``fma.rn.f16x2`` with
   the prepared scale ``s 2^(bits - 10)`` and bias ``z - 1024 s 2^(bits - 10)`` gives ``code s + z`` (no int-to-float
   conversion, no subtraction). The bias is ``z - 4 s`` (2 bits) or ``z - 16 s`` (4 bits): it overflows only for a
-  group whose values come within ``4 s`` / ``16 s`` of the fp16 limit.
+  group whose values come within ``4 s`` / ``16 s`` of the fp16 limit. Known limit: the prepared scale is an fp16
+  subnormal when ``s < 2^-6`` (2 bits) / ``2^-8`` (4 bits), which adds an absolute error of up to ~3e-5 per value
+  (kernels/NOTES.md, session 5: the fix, fp16 ``2^bits`` as the magic, is on branch ``exp/kivi-magic-stage4``).
 * 2-bit keys are staged: each tile's key words, scales and zeros are copied to shared memory with ``cp.async`` one
   tile ahead (16-byte copies of the contiguous tile, an XOR swizzle against bank conflicts) and read from there in the
   register layout. Values and 4-bit keys load straight into registers.
@@ -550,6 +552,7 @@ def _kivi_attn_kernel(
     if STAGE_K:
         # two stages of each tile's key words and key scales / zeros: tile t + 1 is copied while tile t is computed
         gl.static_assert(K_BITS == 2)
+        gl.static_assert(128 % K_GROUP == 0)  # a tile is whole key blocks, contiguous in memory
         kflat = gl.allocate_shared_memory(gl.int32, [2, 1024], _kwords_layout(K_GROUP, False))
         kread = _view(kflat, [2, 8, 16, 4, 2], _kwords_layout(K_GROUP, True))
         sflat = gl.allocate_shared_memory(gl.int32, [2, 8, 64], _kmeta_layout(False))
@@ -698,5 +701,8 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits))
     sig.update({k: "constexpr" for k in const})
-    src = GluonASTSource(_kivi_attn_kernel, sig, const)
+    # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
+    names = _kivi_attn_kernel.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+    src = GluonASTSource(_kivi_attn_kernel, sig, const, attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1))

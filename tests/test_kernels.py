@@ -233,7 +233,7 @@ def test_merge_and_stats():
 
 @pytest.mark.parametrize("n_parts,M,d", [(45, 3, 40), (33, 1, 128), (1, 5, 8)])
 def test_merge_many_partials(n_parts, M, d):
-    """The split merge reads its partials in blocks of up to 32: more partials than one block, odd ``M * d``, and
+    """The split merge reads its partials in blocks of up to 8: more partials than one block, odd ``M * d``, and
     empty partials (lse = -inf, as a split with no rows writes) combine exactly like the float64 reference."""
     from kernels import triton_attention as ta
 
@@ -250,7 +250,7 @@ def test_merge_many_partials(n_parts, M, d):
     assert torch.equal(torch.isfinite(lse), fin) and relerr(lse[fin], rlse[fin]) < 1e-5
     assert relerr(out, rout) < 1e-5
     none, none_lse = ta.merge([outs[0][:1]], [torch.full((1, M), float("-inf"), device=DEV)])
-    assert torch.isneginf(none_lse).all() and not torch.isnan(none).any()
+    assert torch.isneginf(none_lse).all() and (none == 0).all()
 
 
 def test_backend_switch():
@@ -463,7 +463,10 @@ _BUILD = """
 import sys
 from kernels import gluon_attention as ga
 ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), 32, 32, want_scores=sys.argv[3] == "1").asm["ptx"]
-need = ("mma.sync.aligned.m16n8k16", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32", "fma.rn.f16x2", "prmt.b32")
+need = ("mma.sync.aligned.m16n8k16", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32", "fma.rn.f16x2", "prmt.b32",
+        "shf.l.wrap.b32")  # rotations
+if sys.argv[1] == "2":
+    need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
 print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in ptx)
 """
 
@@ -472,7 +475,7 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
 def test_gluon_kernel_builds_for_hopper(kbits, vbits, want):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
-    and pair-dequantization instructions it is built around and no shared-memory round trip."""
+    and pair-dequantization instructions it is built around, and no fp16 tile stored to shared memory."""
     import subprocess
     import sys
 
