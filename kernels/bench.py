@@ -5,7 +5,7 @@
 Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
 and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V). Times are
-medians of CUDA-event timings (``triton.testing.do_bench``); bytes are the real tensors read (codes, scales, zeros,
+medians of CUDA-event timings (``triton.testing``); bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
 ``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop runs it; the host's Python
 launch cost is not in it); ``eager_us`` is one call launched from Python each time, host cost included (it dominates at

@@ -126,8 +126,8 @@ TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1
 # ---- shared-memory staging of key tiles (cp.async one tile ahead) ------------------------------------------------
 # A 128-token key tile of a ChannelQuant part whose blocks divide 128 is one contiguous run of words in memory
 # (blocks [b, 128 channels, words per channel]), so it is copied flat, 16 bytes per cp.async. Each lane then reads its
-# own words from a second view of the same bytes, indexed like the register layout (run r, channel 8f + 2a + e; for 4
-# bits also the half tile w). An XOR swizzle moves lane bits that would fall outside the bank bits (offset bits 0-4)
+# own words from a second view of the same bytes, indexed like the register layout (run r, channel 8f + 2a + e).
+# An XOR swizzle moves lane bits that would fall outside the bank bits (offset bits 0-4)
 # onto free bank bits >= 2 (bits 0-1 stay put, so each 16-byte copy stays contiguous).
 
 
@@ -282,10 +282,9 @@ def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr):
 def _key_words(kptr, row0, k_nrows, KG: gl.constexpr, KPER: gl.constexpr, MASKED: gl.constexpr):
     """Key words of each lane's token run, from global memory, ``[8 r, 16 f, 4 a, 2 e]``. ``kptr`` holds each
     element's channel offset; ``row0`` each lane's first token."""
-    row = row0
-    ptr = kptr + ((row // KG).to(gl.int64) * 128 * (KG // KPER) + (row % KG) // KPER)
+    ptr = kptr + ((row0 // KG).to(gl.int64) * 128 * (KG // KPER) + (row0 % KG) // KPER)
     if MASKED:
-        wd = gl.load(ptr, mask=row < k_nrows, other=0)
+        wd = gl.load(ptr, mask=row0 < k_nrows, other=0)
     else:
         wd = gl.load(ptr)
     return wd
@@ -439,7 +438,7 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
         kzr = kz_st.load(K3)
         wd = kw_st.load(K4)
     else:
-        # each lane's 16 tokens lie in one key block: its scales / zeros as int32 pairs (two channels' fp16)
+        # each lane's key run lies in one key block: its scales / zeros as int32 pairs (two channels' fp16)
         row0 = T0 + WOFF * w + krow_l
         kbo = (row0 // K_GROUP).to(gl.int64) * 64
         if MASKED:
@@ -687,8 +686,9 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
 
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
                     want_scores: bool = False):
-    """Build the kernel for an NVIDIA target without a GPU (how CI checks that it still compiles: the layout
-    conversions are asserted trivial at build time). Returns the compiled kernel (``.asm["ptx"]``, ``["cubin"]``)."""
+    """Build the kernel for an NVIDIA target without a GPU, with the runtime's options (how CI checks that it still
+    compiles: the layout conversions are asserted trivial at build time). Returns the compiled kernel
+    (``.asm["ptx"]``, ``["cubin"]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -705,4 +705,4 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     names = _kivi_attn_kernel.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     src = GluonASTSource(_kivi_attn_kernel, sig, const, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1, maxnreg=MAXNREG))

@@ -526,7 +526,8 @@ def test_gluon_key_staging_layouts(kg):
         r, p = _apply_bases(mflat, o)
         assert _apply_bases(mread, o) == (r, p // 4, p % 4)
         if o % 4:
-            assert (r, p) == (lambda x: (x[0], x[1] + 1))(_apply_bases(mflat, o - 1))
+            r0, p0 = _apply_bases(mflat, o - 1)
+            assert (r, p) == (r0, p0 + 1)
     mwhere = {_apply_bases(mread, o): o for o in range(512)}
     for f in range(16):
         assert len({mwhere[(r, f, a)] % 32 for r in range(8) for a in range(4)}) == 32
