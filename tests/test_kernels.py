@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -403,13 +404,16 @@ def test_launch_config_by_pair_kind():
 
 
 @gpu_only
-@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr", [
-    (2, 2, 32, 32, 4, 1, False, True, 0), (4, 4, 32, 32, 8, 1, True, False, 0), (2, 4, 64, 16, 1, 1, False, False, 0),
-    (4, 2, 128, 128, 4, 2, True, True, 3), (2, 2, 32, 64, 8, 4, False, True, 5)])
-def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, monkeypatch):
+@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr,amp", [
+    (2, 2, 32, 32, 4, 1, False, True, 0, 1), (4, 4, 32, 32, 8, 1, True, False, 0, 1),
+    (2, 4, 64, 16, 1, 1, False, False, 0, 1), (4, 2, 128, 128, 4, 2, True, True, 3, 1),
+    (2, 2, 32, 64, 8, 4, False, True, 5, 1), (2, 2, 32, 32, 4, 1, True, False, 0, 1e-4),
+    (4, 4, 64, 32, 4, 1, False, False, 0, 1e-4)])
+def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, monkeypatch):
     """The Gluon kernel for KIVI-like fp16 pairs (taken: checked) against float64: ragged heads starting and ending
     mid-block or sharing one range, many splits, scores, causal new rows (``newr`` rows seen by query token i only up
-    to row i)."""
+    to row i); ``amp`` scales K and V (and 1 / (2 amp) the queries): at 1e-4 the quantization scales are ~2^-12,
+    where a prepared scale of ``s 2^(bits - 10)`` would be an fp16 subnormal with few bits left."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -429,11 +433,14 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
         cnts[0] = counts[0] - starts[0]
     k_part = _make("C", counts, d, kbits, kg, torch.float16, g, 0)
     v_part = _make("T", counts, d, vbits, vg, torch.float16, g, 0)
+    for part in (k_part, v_part):
+        part.scale.mul_(amp)
+        part.zero.mul_(amp)
     ko, vo = dispatch._offsets(counts), dispatch._offsets(counts)
     plan = PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
                     [vo[h] + starts[h] for h in range(H)], cnts, nsplit=7, newr=newr, device=DEV)
     assert plan.uniform == uniform
-    q = _randn(H, M, d, g=g, dtype=torch.float16)
+    q = _randn(H, M, d, g=g, dtype=torch.float16, scale=1 if amp == 1 else 0.5 / amp)
     o64, l64, s64 = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
     if newr:  # query token i (m % lq) sees new row j (of the last newr) only if j <= i
         nmax = max(cnts)
@@ -486,6 +493,41 @@ def test_gluon_kernel_builds_for_hopper(kbits, vbits, want):
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "missing: [] shared: False" in r.stdout, r.stdout
+
+
+def _pair_dequant_error(bits: int, magic: int, fs: float, fb: float, s: float, z: float) -> float:
+    """Worst error over the codes of the kernel's fp16 pair dequantization, emulated in numpy: the code ored into
+    ``magic`` at mantissa bits ``10 - bits`` and up, prepared scale ``fp16(s fs)``, bias ``fp16(fma(s', fb, z))``,
+    result ``fp16(fma(h, s', bias))``, against ``code s + z`` in float64, in units of ``2^-10 (|z| + 2^bits s)``."""
+    f16 = np.float16
+    sp = f16(f16(s) * f16(fs))
+    b = f16(float(sp) * fb + float(f16(z)))
+    worst = 0.0
+    for code in range(1 << bits):
+        h = np.array([magic | code << (10 - bits)], dtype=np.uint16).view(np.float16)[0]
+        y = f16(float(h) * float(sp) + float(b))
+        exact = code * float(f16(s)) + float(f16(z))
+        worst = max(worst, abs(float(y) - exact) / (2.0 ** -10 * (abs(float(f16(z))) + 2 ** bits * float(f16(s)))))
+    return worst
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gluon_pair_dequant_precision(bits):
+    """The magic / scale / bias constants of the Gluon kernel's dequantization keep fp16 precision (error within
+    ``2^-10`` of the group's range ``|z| + 2^bits s``) for quantization scales from 2^-12 to 2^9; session 5's constants
+    (magic 1024, prepared scale ``s 2^(bits - 10)``) fail below ``s = 2^-6`` / ``2^-8``, which this test catches."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    magic, fs, fb = ga.dequant_constants(bits)
+    assert np.array([magic], dtype=np.uint16).view(np.float16)[0] == 2.0 ** (bits + 2) and fs * fb == -(2 ** bits)
+    rng = np.random.default_rng(bits)
+    for e in np.linspace(-12, 8, 41):
+        s = float(2.0 ** e * rng.uniform(1, 2))
+        for z in (0.0, -s * rng.uniform(0, 2 ** bits), s * rng.uniform(-30, 30)):
+            assert _pair_dequant_error(bits, magic, fs, fb, s, z) <= 1.0, (s, z)
+    old = (0x6400, 2.0 ** (bits - 10), -1024.0)
+    assert _pair_dequant_error(bits, *old, 1.37 * 2.0 ** -12, 0.0) > 2.0  # the old constants lose precision here
 
 
 def _apply_bases(bases: list, o: int) -> tuple:
