@@ -77,6 +77,11 @@ V5: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
     reg_bases=[[0, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0], [2, 0, 0, 0, 0], [4, 0, 0, 0, 0], [8, 0, 0, 0, 0]],
     lane_bases=[[0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 1, 0, 0, 0], [0, 2, 0, 0, 0], [0, 4, 0, 0, 0]],
     warp_bases=[], block_bases=[], shape=[16, 8, 2, 4, 2]))
+# a lane's two 4-bit value words of a token: V4 with the word pair as the first register axis (one 64-bit load)
+VW5: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 0, 1], [0, 0, 0, 1, 0], [0, 1, 0, 0, 0]],
+    lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [1, 0, 0, 0, 0], [2, 0, 0, 0, 0], [4, 0, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[8, 2, 4, 2, 2]))
 K4: gl.constexpr = gl.constexpr(gl.SliceLayout(0, K5))  # [8 r, 16 f, 4 a, 2 e]: per (lane's token run, channel)
 V4: gl.constexpr = gl.constexpr(gl.SliceLayout(0, V5))  # [8 r, 2 h, 4 a, 2 e]: per (lane's channel run, token)
 K3: gl.constexpr = gl.constexpr(gl.SliceLayout(3, K4))  # merged words [8 r, 16 f, 4 a]
@@ -370,16 +375,30 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
     ``vptr`` / ``sptr`` / ``zptr``: each element's word / scale / zero pointer at the tile's row 0."""
     NWV: gl.constexpr = 16 // VPER
     HALF: gl.constexpr = VPER // 2
+    if NWV == 2:  # a token's two words per lane in one 64-bit load
+        wi = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, VW5)))))
+        wi = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(wi, 0), 1), 2), 3)
+        vptr2 = gl.expand_dims(gl.convert_layout(vptr, gl.SliceLayout(4, VW5), assert_trivial=True), 4) + wi
     if MASKED:
         row = vrow0 + vrow_off + 2 * i
         rm = (row >= 0) & (row < v_nrows)
         sc = gl.load(sptr + 2 * i * (128 // VG), mask=rm, other=0.0)
         zr = gl.load(zptr + 2 * i * (128 // VG), mask=rm, other=0.0)
-        w0 = gl.load(vptr + 2 * i * (128 // VPER), mask=rm, other=0)
+        if NWV == 2:
+            rm2 = gl.expand_dims(gl.convert_layout(rm, gl.SliceLayout(4, VW5), assert_trivial=True), 4) & (wi < 2)
+            w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER), mask=rm2, other=0))
+        else:
+            w0 = gl.load(vptr + 2 * i * (128 // VPER), mask=rm, other=0)
     else:
         sc = gl.load(sptr + 2 * i * (128 // VG))
         zr = gl.load(zptr + 2 * i * (128 // VG))
-        w0 = gl.load(vptr + 2 * i * (128 // VPER))
+        if NWV == 2:
+            w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER)))
+        else:
+            w0 = gl.load(vptr + 2 * i * (128 // VPER))
+    if NWV == 2:
+        w0 = gl.convert_layout(w0, V4, assert_trivial=True)
+        w1 = gl.convert_layout(w1, V4, assert_trivial=True)
     zero5 = gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
     tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
     tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
@@ -389,10 +408,6 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
     hi0 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi0, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
     x = gl.where(j < HALF, lo0 + zero5, hi0 + zero5)
     if NWV == 2:
-        if MASKED:
-            w1 = gl.load(vptr + 2 * i * (128 // VPER) + 1, mask=rm, other=0)
-        else:
-            w1 = gl.load(vptr + 2 * i * (128 // VPER) + 1)
         lo1, hi1 = _merge(w1, V3)
         lo1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(lo1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
         hi1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
