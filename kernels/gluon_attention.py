@@ -30,7 +30,8 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
   fp16 limit.
 * 2-bit keys are staged: each tile's key words, scales and zeros are copied to shared memory with ``cp.async`` one
   tile ahead (16-byte copies of the contiguous tile, an XOR swizzle against bank conflicts) and read from there in the
-  register layout. Values and 4-bit keys load straight into registers.
+  register layout. Values and 4-bit keys load straight into registers (a token's two 4-bit value words per lane in
+  one 64-bit load).
 * Registers are capped at 168 per thread, so 3 one-warp programs fit per scheduler (12 per SM).
 * Launch: as many one-warp programs as fit on the GPU at once (:func:`resident_programs`, from the compiled kernel's
   registers and shared memory), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
