@@ -5,11 +5,11 @@
 Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
 and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V). Times are
-medians of CUDA-event timings (``triton.testing``); bytes are the real tensors read (codes, scales, zeros,
+medians of CUDA-event timings; bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
 ``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop runs it; the host's Python
-launch cost is not in it), each replay after a 512 MB read that leaves the L2 full of clean lines of other data (as in a
-decode step, where the other layers' weights and caches pass through the L2 between two calls of one layer; a
+launch cost is not in it), each replay after a 512 MiB read that leaves the L2 full of clean lines of other data (as
+in a decode step, where the other layers' weights and caches pass through the L2 between two calls of one layer; a
 zero-filling flush like ``do_bench``'s would leave dirty lines whose write-back lands in the timed call);
 ``eager_us`` is one call launched from Python each time (``do_bench``), host cost included (it dominates at short
 contexts).
@@ -116,7 +116,7 @@ _L2_SWEEP: list = []
 
 
 def _clean_l2() -> None:
-    """Read 512 MB (ten times the H100's L2): the L2 then holds clean lines of other data."""
+    """Read 512 MiB (ten times the H100's L2): the L2 then holds clean lines of other data."""
     if not _L2_SWEEP:
         _L2_SWEEP.append(torch.ones(512 << 20, dtype=torch.uint8, device="cuda"))
     _L2_SWEEP[0].max()

@@ -100,8 +100,10 @@ def dequant_constants(bits: int) -> tuple[int, float, float]:
     """(fp16 magic bits, prepared-scale factor, bias factor) of the pair dequantization: a code rotated to mantissa
     bits ``10 - bits`` and up and ored into the magic ``2^(bits + 2)`` reads ``2^(bits + 2) + 4 code``; times the
     prepared scale ``s / 4`` plus the bias ``z - 2^(bits + 2) (s / 4)`` that is ``code s + z``. The factor 1/4 (not
-    ``2^(bits - 10)``) keeps the prepared scale a normal fp16 down to ``s = 2^-12``; it costs no instruction against
-    the unscaled ``s`` and, measured on the H100, keeps the compiled schedule (an unscaled variant ran 12% slower)."""
+    session 5's ``2^(bits - 10)``) keeps the prepared scale a normal fp16 down to ``s = 2^-12`` with session 5's
+    instructions (one ``mul`` by a constant and one ``fma`` per scale pair) and, on the H100, its speed; an unscaled
+    variant (magic ``2^bits``, no ``mul``: 24 fewer instructions per 2-bit half tile) got another ptxas schedule at
+    the register cap and ran 2-bit 11% slower."""
     magic = {2: 0x4C00, 4: 0x5400}[bits]  # fp16 16.0, 64.0
     return magic, 0.25, -float(1 << (bits + 2))
 
@@ -138,6 +140,11 @@ def _prep_asm(bits: int) -> str:
 
 
 MERGE: gl.constexpr = gl.constexpr(_merge_asm())
+# the value path's prepared-scale factor and bias magnitude (keys take them through _prep_asm)
+V_FS2: gl.constexpr = gl.constexpr(dequant_constants(2)[1])
+V_FB2: gl.constexpr = gl.constexpr(-dequant_constants(2)[2])
+V_FS4: gl.constexpr = gl.constexpr(dequant_constants(4)[1])
+V_FB4: gl.constexpr = gl.constexpr(-dequant_constants(4)[2])
 MERGE_SEL: gl.constexpr = gl.constexpr("prmt.b32 $0, $2, $3, $4;\nmov.b32 $1, $0;")
 DEQK2: gl.constexpr = gl.constexpr(_deq_asm(2, True))
 DEQK4: gl.constexpr = gl.constexpr(_deq_asm(4, True))
@@ -414,9 +421,9 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
         hi1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
         x = gl.where(tt < VPER, x, gl.where(j < HALF, lo1 + zero5, hi1 + zero5))
     sh = _rot(j % HALF, BITS)
-    sp = sc * 0.25  # prepared scale and bias of dequant_constants (as _prep_asm for keys)
+    sp = sc * (V_FS2 if BITS == 2 else V_FS4)  # prepared scale and bias of dequant_constants
     s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
-    z5 = gl.broadcast(gl.expand_dims(zr - sp * (16.0 if BITS == 2 else 64.0), 0), x)[0]
+    z5 = gl.broadcast(gl.expand_dims(zr - sp * (V_FB2 if BITS == 2 else V_FB4), 0), x)[0]
     y = _deq(x, sh, s5, z5, BITS, False)
     return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
