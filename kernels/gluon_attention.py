@@ -35,6 +35,13 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
 * Registers are capped at 168 per thread, so 3 one-warp programs fit per scheduler (12 per SM).
 * Launch: as many one-warp programs as fit on the GPU at once (:func:`resident_programs`, from the compiled kernel's
   registers and shared memory), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
+* Dynamic schedule (:func:`dynamic_enabled`): the programs of a head take its units (half tiles; whole tiles for
+  staged keys) from a per-head counter instead of equal static ranges. The warps sharing an SM progress at rates
+  that differ by several percent (the schedulers do not serve them equally), so with static ranges the kernel waited
+  for the slowest; now slower programs do fewer units. Each processed unit draws one ticket, so the launch's final
+  ticket is known and its drawer resets the counter (:func:`counters`; no memset per launch). Run-to-run results then
+  differ in fp16 rounding; ``torch.use_deterministic_algorithms(True)`` (or ``KV_GLUON_DYNAMIC=0``) gives the static
+  ranges.
 * Token and channel permutations are free: the softmax sums over tokens, scores are stored at their physical
   columns and the output at its physical channels.
 
@@ -62,6 +69,9 @@ MAXNREG = int(os.environ.get("KV_GLUON_MAXNREG", 168)) or None
 # 2-bit keys: stage each tile's key words and scales in shared memory with cp.async one tile ahead (0: load them
 # per half tile)
 STAGE_K = os.environ.get("KV_GLUON_STAGE", "1") == "1"
+# units of work (half tiles; tiles for staged keys) taken from a per-head counter, so that programs that run slower
+# do fewer, instead of equal static ranges (0: static ranges)
+DYNAMIC = os.environ.get("KV_GLUON_DYNAMIC", "1") == "1"
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -153,6 +163,16 @@ DEQV4: gl.constexpr = gl.constexpr(_deq_asm(4, False))
 PREP2: gl.constexpr = gl.constexpr(_prep_asm(2))
 PREP4: gl.constexpr = gl.constexpr(_prep_asm(4))
 TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+# the dynamic schedule's counter draw in two parts, so the atomic's latency is not waited for where it is issued:
+# lane 0 adds 1 (GRAB); later its old value is broadcast to the warp, and lane 0 resets the counter when it drew the
+# launch's final ticket (TICKET)
+GRAB: gl.constexpr = gl.constexpr("\n".join([
+    "{", ".reg .pred p;", ".reg .b32 l;", "mov.u32 l, %laneid;", "setp.eq.u32 p, l, 0;", "mov.u32 $0, 0;",
+    "@p atom.global.add.u32 $0, [$1], 1;", "}"]))
+TICKET: gl.constexpr = gl.constexpr("\n".join([
+    "{", ".reg .pred p, q;", ".reg .b32 l;", "mov.u32 l, %laneid;", "setp.eq.u32 p, l, 0;",
+    "setp.eq.and.u32 q, $1, $3, p;", "@q st.global.u32 [$2], 0;", "shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;",
+    "}"]))
 
 
 # ---- shared-memory staging of key tiles (cp.async one tile ahead) ------------------------------------------------
@@ -523,6 +543,62 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     return acc, m_new, l_i
 
 
+@gluon.jit
+def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+          v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow,
+          qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
+          K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
+          WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr):
+    """Half tile ``ht`` of the head (tile ``ht // 2``, half ``ht % 2``). Staged keys: at the tile's first half the
+    next tile (at token ``T_next``, when ``issue_next``) is copied into the other stage, and this tile's stage ``st``
+    is waited for."""
+    T0 = abeg + (ht // 2) * 128
+    w = ht % 2
+    inner = (T0 >= kbeg) & (T0 + 128 <= kbeg + cnt) & (T0 + 128 <= new0)
+    if STAGE_K:
+        st = st.to(gl.int32)
+        if w == 0:
+            if issue_next:
+                _issue_keys(kflat, sflat, zflat, 1 - st, T_next, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
+            async_copy.commit_group()
+            async_copy.wait_group(1)  # this tile's copies have landed
+            _BARRIER()
+        kw_st = kread.index(st)
+        ks_st = sread.index(st)
+        kz_st = zread.index(st)
+    else:
+        kw_st = 0
+        ks_st = 0
+        kz_st = 0
+    if inner:
+        acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+                              v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
+                              vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
+                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K)
+    else:
+        acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+                              v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
+                              vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
+                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K)
+    if STAGE_K:
+        if w == 1:
+            _BARRIER()  # every lane has read this stage before it is refilled
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _grab(ctr):
+    """Draw the head's next ticket: lane 0 adds 1 to the counter at ``ctr``; :func:`_ticket` reads the draw."""
+    return gl.inline_asm_elementwise(GRAB, "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _ticket(draw, ctr, last):
+    """The drawn ticket (lane 0's old counter value) for the whole warp. The lane that drew ticket ``last`` (the
+    launch's final draw: every unit a program works on draws once) sets the counter back to 0 for the next launch."""
+    return gl.inline_asm_elementwise(TICKET, "=r,r,l,r", [draw, ctr, last], dtype=gl.int32, is_pure=False, pack=1)
+
+
 # sizes are runtime values: specialising on them (== 1, multiples of 16) would recompile as a decode cache grows, and
 # resident_programs() must see the registers of the kernel that launches
 _SIZES = ["KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX", "COLBASE", "NEWR", "LQ",
@@ -533,9 +609,9 @@ _SIZES = ["KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", 
 def _kivi_attn_kernel(
     q_ptr, out_ptr, lse_ptr, s_ptr, k_data, k_scale, k_zero, v_data, v_scale, v_zero,
     meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
-    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale,
+    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ctr_ptr,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
-    UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr,
+    UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
@@ -600,41 +676,68 @@ def _kivi_attn_kernel(
         zflat = gl.allocate_shared_memory(gl.int32, [2, 8, 64], _kmeta_layout(False))
         sread = _view(sflat, [2, 8, 16, 4], _kmeta_layout(True))
         zread = _view(zflat, [2, 8, 16, 4], _kmeta_layout(True))
-        if t_lo < t_hi:
-            _issue_keys(kflat, sflat, zflat, 0, abeg + t_lo * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
-        async_copy.commit_group()
-    for ht in range(2 * t_lo, 2 * t_hi):  # half tiles
-        T0 = abeg + (ht // 2) * 128
-        w = ht % 2
-        inner = (T0 >= kbeg) & (T0 + 128 <= kbeg + cnt) & (T0 + 128 <= new0)
+    else:
+        kflat = 0
+        sflat = 0
+        zflat = 0
+        kread = 0
+        sread = 0
+        zread = 0
+    if DYNAMIC:
+        # units of one half tile, or of a whole tile when keys are staged (a stage holds one tile): each program
+        # starts with units sp and NSPLIT + sp, then takes the next free one from the head's counter, drawn one unit
+        # ahead (the atomic's latency hides behind a unit of work). Programs that their SM's schedulers serve more
+        # slowly so do fewer units; with static ranges the kernel waited for the slowest (kernels/NOTES.md, session
+        # 7). The staged and unstaged loops are written apart: one loop for both (UNIT half tiles per unit) got
+        # another ptxas schedule and ran 2-bit 1.5-2.5% slower on the H100.
+        UNIT: gl.constexpr = 2 if STAGE_K else 1
+        last = (2 * ntiles // UNIT - 1).to(gl.int32)
+        nxt = NSPLIT + sp
+        ht = UNIT * sp  # the half tile to do
         if STAGE_K:
-            st = ((ht // 2 - t_lo) % 2).to(gl.int32)
-            if w == 0:
-                if ht // 2 + 1 < t_hi:
-                    _issue_keys(kflat, sflat, zflat, 1 - st, T0 + 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
-                async_copy.commit_group()
-                async_copy.wait_group(1)  # this tile's copies have landed
-                _BARRIER()
-            kw_st = kread.index(st)
-            ks_st = sread.index(st)
-            kz_st = zread.index(st)
-        else:
-            kw_st = 0
-            ks_st = 0
-            kz_st = 0
-        if inner:
-            acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
-                                  v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
-                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                                  kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K)
-        else:
-            acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
-                                  v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
-                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                                  kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K)
+            if sp < ntiles:
+                _issue_keys(kflat, sflat, zflat, 0, abeg + sp * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
+            async_copy.commit_group()
+        tc = sp * 0  # units done (the stage parity)
+        draw = sp * 0
         if STAGE_K:
-            if w == 1:
-                _BARRIER()  # every lane has read this stage before it is refilled
+            while ht < 2 * ntiles:
+                w = ht % 2
+                if w == 0:
+                    draw = _grab(ctr_ptr + hd)
+                acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, ht, tc % 2, nxt < ntiles, abeg + nxt * 128, abeg, kbeg,
+                                      vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows,
+                                      v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol,
+                                      s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
+                                      K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K)
+                if w == 1:
+                    ht = 2 * nxt
+                    nxt = 2 * NSPLIT + _ticket(draw, ctr_ptr + hd, last)
+                    tc += 1
+                else:
+                    ht += 1
+        else:
+            cur = sp
+            while cur < 2 * ntiles:
+                draw = _grab(ctr_ptr + hd)
+                acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, cur, 0, False, 0, abeg, kbeg, vbeg, cnt, new0, k_data,
+                                      k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
+                                      krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
+                                      col, LQ, kflat, sflat, zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS,
+                                      V_GROUP, WANT_SCORES, STAGE_K)
+                cur = nxt
+                nxt = 2 * NSPLIT + _ticket(draw, ctr_ptr + hd, last)
+    else:
+        if STAGE_K:
+            if t_lo < t_hi:
+                _issue_keys(kflat, sflat, zflat, 0, abeg + t_lo * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
+            async_copy.commit_group()
+        for ht in range(2 * t_lo, 2 * t_hi):  # half tiles
+            acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, ht, (ht // 2 - t_lo) % 2, ht // 2 + 1 < t_hi,
+                                  abeg + (ht // 2 + 1) * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
+                                  v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
+                                  vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
+                                  zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K)
     has = l_i > 0
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -679,6 +782,7 @@ def _consts(plan, want_scores: bool) -> dict:
     """Compile-time and launch options of ``plan``'s kernel."""
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits),
+                DYNAMIC=plan.dynamic,
                 num_warps=1, maxnreg=MAXNREG)
 
 
@@ -688,19 +792,47 @@ def staged(k_bits: int) -> bool:
     return STAGE_K and k_bits == 2
 
 
+def dynamic_enabled() -> bool:
+    """The dynamic schedule, unless switched off (``KV_GLUON_DYNAMIC=0``) or deterministic algorithms are asked for
+    (``torch.use_deterministic_algorithms``): which program does which unit varies from run to run, and with it the
+    fp16 rounding of the probabilities (relative differences near 1e-4 between runs)."""
+    return DYNAMIC and not torch.are_deterministic_algorithms_enabled()
+
+
+def unit_halves(k_bits: int) -> int:
+    """Half tiles per unit of the dynamic schedule: a whole tile when keys are staged (a stage holds one tile)."""
+    return 2 if staged(k_bits) else 1
+
+
+_COUNTERS: dict = {}
+
+
+def counters(n_heads: int, device: torch.device) -> torch.Tensor:
+    """Per-head unit counters (int32, zero between launches) for dynamic launches from the current stream of
+    ``device``. Every launch leaves them at zero (its final draw resets each head's counter), so the launches of one
+    stream, which run one after another, share them; another stream gets its own."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch.cuda.current_stream(index).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n_heads:
+        buf = torch.zeros(max(n_heads, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf[:n_heads]
+
+
 def resident_programs(plan) -> int:
     """One-warp programs of this pair's kernel that fit on an SM at once, from the compiled kernel's registers (each
     of the SM's 4 schedulers has 16K registers; a warp takes its per-thread count rounded up to 8, times 32) and
     shared memory (the SM's, less 1 KB reserved per program); compiled once per configuration."""
     if PROGRAMS_PER_SM:
         return PROGRAMS_PER_SM
-    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K)
+    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K, plan.dynamic)
     if key not in _RESIDENT:
         i64 = torch.int64
         kern = _kivi_attn_kernel.warmup(
             torch.float16, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, i64, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
-            2, 2, 1.0, grid=(1,), **_consts(plan, False))
+            2, 2, 1.0, torch.int32, grid=(1,), **_consts(plan, False))
         kern._init_handles()
         regs = max(int(kern.n_regs), 1)
         # each of the 4 schedulers of an SM owns a quarter of the register file (16K): a warp needs
@@ -722,12 +854,12 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
         plan.v.data, plan.v.scale, plan.v.zero,
         plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
         scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
-        **_consts(plan, want),
+        plan.counters if plan.counters is not None else plan.k.data, **_consts(plan, want),
     )
 
 
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
-                    want_scores: bool = False):
+                    want_scores: bool = False, dynamic: bool = True):
     """Build the kernel for an NVIDIA target without a GPU, with the runtime's options (how CI checks that it still
     compiles: the layout conversions are asserted trivial at build time). Returns the compiled kernel
     (``.asm["ptx"]``, ``["cubin"]``)."""
@@ -740,8 +872,9 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig.update({n: "i32" for n in ("KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX",
                                    "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
     sig["sm_scale"] = "fp32"
+    sig["ctr_ptr"] = "*i32"
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
-                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits))
+                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits), DYNAMIC=dynamic)
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names

@@ -467,6 +467,66 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
         assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[torch.float16]
 
 
+@gpu_only
+@pytest.mark.parametrize("kbits", [2, 4])
+def test_gluon_dynamic_schedule(kbits, monkeypatch):
+    """The Gluon kernel's dynamic schedule (programs draw units from a per-head counter): with 1 to 24 programs per
+    head over up to 180 units, ragged heads (one empty, one of a single token), every unit is done exactly once (the
+    output matches float64 and the static schedule), the counters are back at zero after every launch (also across
+    CUDA-graph replays, where the same counters serve again), and with deterministic algorithms asked for, the
+    static schedule runs: bitwise the same output every time."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    g = _gen(77 + kbits)
+    H, d, M = 5, 128, 4
+    counts = (90 * 128, 32 * 7, 64, 128 * 40 + 32, 32 * 3)
+    starts, cnts = [5, 0, 0, 17, 1], [90 * 128 - 5, 32 * 7, 0, 128 * 40, 1]
+    k_part = _make("C", counts, d, kbits, 32, torch.float16, g, 0)
+    v_part = _make("T", counts, d, kbits, 32, torch.float16, g, 0)
+    ko = dispatch._offsets(counts)
+    q = _randn(H, M, d, g=g, dtype=torch.float16)
+    o64, l64, _ = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
+    fin = torch.isfinite(l64)
+
+    def plan(nsplit=None):
+        return PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
+                        [ko[h] + starts[h] for h in range(H)], cnts, nsplit=nsplit, device=DEV)
+
+    monkeypatch.setattr(ga, "DYNAMIC", False)
+    static = plan(7)
+    assert not static.dynamic and static.counters is None
+    o_static, _ = attend_pairs(q, [static], d ** -0.5)
+    monkeypatch.setattr(ga, "DYNAMIC", True)
+    for nsplit in (1, 3, 24, None):
+        p = plan(nsplit)
+        assert p.dynamic and p.gluon
+        for _ in range(2):
+            out, lse = attend_pairs(q, [p], d ** -0.5)
+            torch.cuda.synchronize()
+            assert int(p.counters.abs().sum()) == 0
+            assert torch.equal(torch.isfinite(lse), fin)
+            assert relerr(out[fin], o64[fin]) < TOL[torch.float16]
+            assert relerr(out[fin], o_static[fin]) < 2e-3
+    p = plan()
+    attend_pairs(q, [p], d ** -0.5)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gout, _ = attend_pairs(q, [p], d ** -0.5)
+    for _ in range(3):
+        gout.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(p.counters.abs().sum()) == 0 and relerr(gout[fin], o64[fin]) < TOL[torch.float16]
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    p = plan()
+    assert not p.dynamic
+    first, _ = attend_pairs(q, [p], d ** -0.5)
+    for _ in range(3):
+        assert torch.equal(attend_pairs(q, [p], d ** -0.5)[0], first)
+
+
 _BUILD = """
 import sys
 from kernels import gluon_attention as ga
@@ -477,6 +537,7 @@ if sys.argv[1] == "2":
     need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
 if sys.argv[2] == "4":
     need += ("ld.global.v2.b32",)  # a token's two 4-bit value words per lane in one load
+need += ("atom.global.add.u32", "shfl.sync.idx.b32")  # the dynamic schedule's counter draws
 print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in ptx)
 """
 
