@@ -45,9 +45,14 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
 * Token and channel permutations are free: the softmax sums over tokens, scores are stored at their physical
   columns and the output at its physical channels.
 
-Scope (:func:`supports`): fp16 queries, ``d = 128``, at most 8 query rows per KV head, ChannelQuant keys and
-TokenQuant values of 2 or 4 bits without outliers, key blocks of 16, 32, 64 or 128 tokens and value groups multiples
-of 16 up to 128. Everything else runs on :mod:`kernels.triton_attention`.
+bf16 caches (bf16 queries, scales and zeros) run the same kernel with bf16 operands: the magic sits at mantissa bits
+``7 - bits`` and up, and the magic is subtracted before the ``fma`` (exact), whose bias is then the zero itself, so
+``code s + z`` is rounded once (4 instructions per pair; with only 8 mantissa bits the fp16 form's bias
+``z - 2^bits s`` lost up to several bf16 steps).
+
+Scope (:func:`supports`): fp16 or bf16 queries matching the cache's scales, ``d = 128``, at most 8 query rows per KV
+head, ChannelQuant keys and TokenQuant values of 2 or 4 bits without outliers, key blocks of 16, 32, 64 or 128 tokens
+and value groups multiples of 16 up to 128. Everything else runs on :mod:`kernels.triton_attention`.
 """
 
 from __future__ import annotations
@@ -106,25 +111,35 @@ def _merge_asm() -> str:
     return "prmt.b32 $0, $2, $3, 0x5410;\nprmt.b32 $1, $2, $3, 0x7632;"
 
 
-def dequant_constants(bits: int) -> tuple[int, float, float]:
-    """(fp16 magic bits, prepared-scale factor, bias factor) of the pair dequantization: a code rotated to mantissa
-    bits ``10 - bits`` and up and ored into the magic ``2^(bits + 2)`` reads ``2^(bits + 2) + 4 code``; times the
-    prepared scale ``s / 4`` plus the bias ``z - 2^(bits + 2) (s / 4)`` that is ``code s + z``. The factor 1/4 (not
-    session 5's ``2^(bits - 10)``) keeps the prepared scale a normal fp16 down to ``s = 2^-12`` with session 5's
-    instructions (one ``mul`` by a constant and one ``fma`` per scale pair) and, on the H100, its speed; an unscaled
-    variant (magic ``2^bits``, no ``mul``: 24 fewer instructions per 2-bit half tile) got another ptxas schedule at
-    the register cap and ran 2-bit 11% slower."""
-    magic = {2: 0x4C00, 4: 0x5400}[bits]  # fp16 16.0, 64.0
-    return magic, 0.25, -float(1 << (bits + 2))
+def _mant(bf16: bool) -> int:
+    """Mantissa bits of the 16-bit format: 10 for fp16, 7 for bf16."""
+    return 7 if bf16 else 10
 
 
-def _f16_bits(x: float) -> int:
+def dequant_constants(bits: int, bf16: bool = False) -> tuple[int, float, float]:
+    """(magic bits, prepared-scale factor, bias factor) of the pair dequantization in fp16 (or bf16): a code rotated
+    to mantissa bits ``10 - bits`` (bf16: ``7 - bits``) and up and ored into the magic ``2^(bits + 2)`` reads
+    ``2^(bits + 2) + 4 code``; times the prepared scale ``s / 4`` plus the bias ``z - 2^(bits + 2) (s / 4)`` that is
+    ``code s + z``. The factor 1/4 (not session 5's ``2^(bits - 10)``) keeps the prepared scale a normal fp16 down to
+    ``s = 2^-12`` with session 5's instructions (one ``mul`` by a constant and one ``fma`` per scale pair) and, on the
+    H100, its speed; an unscaled variant (magic ``2^bits``, no ``mul``: 24 fewer instructions per 2-bit half tile)
+    got another ptxas schedule at the register cap and ran 2-bit 11% slower. bf16 does not use the bias: it subtracts
+    the magic first (exact) and adds the zero, so ``code s + z`` is rounded once (:func:`_deq_asm`)."""
+    e = bits + 2  # 2^e: fp16 0x4C00 / 0x5400, bf16 0x4180 / 0x4280 for 16.0 / 64.0
+    magic = (e + 127) << 7 if bf16 else (e + 15) << 10
+    return magic, 0.25, -float(1 << e)
+
+
+def _f16_bits(x: float, bf16: bool = False) -> int:
+    """The 16 bits of ``x`` (exact in the format) as fp16 or bf16."""
     import struct
 
+    if bf16:
+        return struct.unpack("<I", struct.pack("<f", x))[0] >> 16
     return struct.unpack("<H", struct.pack("<e", x))[0]
 
 
-def _deq_asm(bits: int, key: bool) -> str:
+def _deq_asm(bits: int, key: bool, bf16: bool = False) -> str:
     """Per fragment register: ``$0`` fp16x2 out; ``$1, $2`` the merged word (twice); ``$3, $4`` the rotation
     (twice); then the prepared scale and bias pairs (:func:`_prep_asm`): int32 words ``$5, $6`` / ``$7, $8`` (keys)
     or packed fp16 ``$5`` / ``$6`` (values).
@@ -132,19 +147,27 @@ def _deq_asm(bits: int, key: bool) -> str:
     Three instructions per pair: a rotation brings each half's code to mantissa bits ``10 - bits`` and up, ``lop3``
     ors it into the magic (:func:`dequant_constants`), and one ``fma`` with the prepared scale and bias gives
     ``code * s + z``."""
-    mask = ((1 << bits) - 1) << (10 - bits)
-    magic = dequant_constants(bits)[0]
+    mask = ((1 << bits) - 1) << (_mant(bf16) - bits)
+    magic = dequant_constants(bits, bf16)[0]
     sc, zr = ("$5", "$7") if key else ("$5", "$6")
+    # bf16 subtracts the magic first (exact: 4 code) and adds the zero itself, one more instruction per pair: with 8
+    # mantissa bits a bias z - 2^bits s rounded to bf16 cost up to 2^-9 |z - 2^bits s|, several times the rounding
+    # of the value (relative output errors near 2e-2 against the Triton kernel on the H100)
+    sub = ["sub.rn.bf16x2 t, t, k;"] if bf16 else []
+    fma = "fma.rn.bf16x2" if bf16 else "fma.rn.f16x2"
     return "\n".join([
         "{", ".reg .b32 t, k, m;", f"mov.b32 k, {magic | magic << 16};", f"mov.b32 m, {mask | mask << 16};",
-        "shf.l.wrap.b32 t, $1, $1, $3;", "lop3.b32 t, t, m, k, 0xEA;", f"fma.rn.f16x2 $0, t, {sc}, {zr};", "}"])
+        "shf.l.wrap.b32 t, $1, $1, $3;", "lop3.b32 t, t, m, k, 0xEA;", *sub, f"{fma} $0, t, {sc}, {zr};", "}"])
 
 
-def _prep_asm(bits: int) -> str:
-    """Key scale / zero pairs (int32 words of two fp16) -> ``$0`` = prepared scale, ``$1`` = bias
+def _prep_asm(bits: int, bf16: bool = False) -> str:
+    """Key scale / zero pairs (int32 words of two fp16 or bf16) -> ``$0`` = prepared scale, ``$1`` = bias
     (:func:`dequant_constants`; one rounding each: the products are exact)."""
-    _, fs, fb = dequant_constants(bits)
-    f, n = _f16_bits(fs), _f16_bits(fb)
+    _, fs, fb = dequant_constants(bits, bf16)
+    f, n = _f16_bits(fs, bf16), _f16_bits(fb, bf16)
+    if bf16:  # the magic is subtracted before the fma (:func:`_deq_asm`): the bias is the zero itself
+        return "\n".join(["{", ".reg .b32 f;", f"mov.b32 f, {f | f << 16:#x};", "mul.rn.bf16x2 $0, $2, f;",
+                          "mov.b32 $1, $3;", "}"])
     return "\n".join(["{", ".reg .b32 f, n;", f"mov.b32 f, {f | f << 16:#x};", f"mov.b32 n, {n | n << 16:#x};",
                       "mul.rn.f16x2 $0, $2, f;", "fma.rn.f16x2 $1, $0, n, $3;", "}"])
 
@@ -162,6 +185,12 @@ DEQV2: gl.constexpr = gl.constexpr(_deq_asm(2, False))
 DEQV4: gl.constexpr = gl.constexpr(_deq_asm(4, False))
 PREP2: gl.constexpr = gl.constexpr(_prep_asm(2))
 PREP4: gl.constexpr = gl.constexpr(_prep_asm(4))
+DEQK2B: gl.constexpr = gl.constexpr(_deq_asm(2, True, True))
+DEQK4B: gl.constexpr = gl.constexpr(_deq_asm(4, True, True))
+DEQV2B: gl.constexpr = gl.constexpr(_deq_asm(2, False, True))
+DEQV4B: gl.constexpr = gl.constexpr(_deq_asm(4, False, True))
+PREP2B: gl.constexpr = gl.constexpr(_prep_asm(2, True))
+PREP4B: gl.constexpr = gl.constexpr(_prep_asm(4, True))
 TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
 # the dynamic schedule's counter draw in two parts, so the atomic's latency is not waited for where it is issued:
 # lane 0 adds 1 (GRAB); later its old value is broadcast to the warp, and lane 0 resets the counter when it drew the
@@ -309,25 +338,34 @@ def _merge_sel(w, sel, L3: gl.constexpr):
 
 
 @gluon.jit
-def _prep_key(sc, zr, BITS: gl.constexpr):
+def _prep_key(sc, zr, BITS: gl.constexpr, BF16: gl.constexpr):
     """Key scale / zero int32 pairs -> (prepared scale, bias) pairs for :func:`_deq`."""
-    ASM: gl.constexpr = PREP2 if BITS == 2 else PREP4
+    ASM: gl.constexpr = (PREP2B if BITS == 2 else PREP4B) if BF16 else (PREP2 if BITS == 2 else PREP4)
     return gl.inline_asm_elementwise(ASM, "=r,=r,r,r", [sc, zr], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
 
 
 @gluon.jit
-def _rot(j, BITS: gl.constexpr):
-    """Left rotation that brings code ``j`` of a 16-bit half to mantissa bits ``10 - BITS`` and up."""
-    return (10 - BITS - BITS * j + 32) % 32
+def _rot(j, BITS: gl.constexpr, BF16: gl.constexpr):
+    """Left rotation that brings code ``j`` of a 16-bit half to mantissa bits ``10 - BITS`` (bf16: ``7 - BITS``)
+    and up."""
+    MANT: gl.constexpr = 7 if BF16 else 10
+    return (MANT - BITS - BITS * j + 32) % 32
 
 
 @gluon.jit
-def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr):
+def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr, BF16: gl.constexpr):
     """fp16 pairs from merged words (PTX of :func:`_deq_asm`). Keys: scale / zero pairs arrive as int32 words (two
     adjacent channels' fp16); values: as the two tokens' fp16 values (packed into one register by ``pack=2``)."""
-    ASM: gl.constexpr = (DEQK2 if BITS == 2 else DEQK4) if KEY else (DEQV2 if BITS == 2 else DEQV4)
+    if BF16:
+        ASM: gl.constexpr = (DEQK2B if BITS == 2 else DEQK4B) if KEY else (DEQV2B if BITS == 2 else DEQV4B)
+    else:
+        ASM: gl.constexpr = (DEQK2 if BITS == 2 else DEQK4) if KEY else (DEQV2 if BITS == 2 else DEQV4)
     CON: gl.constexpr = "=r,r,r,r,r,r,r,r,r" if KEY else "=r,r,r,r,r,r,r"
-    return gl.inline_asm_elementwise(ASM, CON, [x, sh, sc, zr], dtype=gl.float16, is_pure=True, pack=2)
+    if BF16:
+        y = gl.inline_asm_elementwise(ASM, CON, [x, sh, sc, zr], dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        y = gl.inline_asm_elementwise(ASM, CON, [x, sh, sc, zr], dtype=gl.float16, is_pure=True, pack=2)
+    return y
 
 
 @gluon.jit
@@ -375,7 +413,7 @@ def _issue_keys(kflat, sflat, zflat, st, T0, k_data, k_scale2, k_zero2, k_nrows,
 
 
 @gluon.jit
-def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.constexpr):
+def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.constexpr, BF16: gl.constexpr):
     """fp16 key chunk ``[16 tokens, 128 channels]`` (A operand) of chunk ``i`` (0..3) of a half tile from the half's
     merged words."""
     HALF: gl.constexpr = KPER // 2
@@ -388,18 +426,18 @@ def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.conste
     x = gl.expand_dims(gl.expand_dims(gl.convert_layout(src, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0)
     x = x + zero5
     hh = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
-    sh = _rot((j0 + hh) % HALF, BITS)
+    sh = _rot((j0 + hh) % HALF, BITS, BF16)
     sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sh, 1), 2), 3), 4) + zero5
     s5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(sc, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
     z5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(zr, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
-    y = _deq(x, sh, s5, z5, BITS, True)
+    y = _deq(x, sh, s5, z5, BITS, True, BF16)
     return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
 
 
 @gluon.jit
 def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VPER: gl.constexpr,
-            VG: gl.constexpr, MASKED: gl.constexpr):
-    """fp16 value chunk ``V^T [128 channels, 16 tokens]`` (A operand of ``O^T += V^T P^T``) of chunk ``i``.
+            VG: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """fp16 (bf16) value chunk ``V^T [128 channels, 16 tokens]`` (A operand of ``O^T += V^T P^T``) of chunk ``i``.
     ``vptr`` / ``sptr`` / ``zptr``: each element's word / scale / zero pointer at the tile's row 0."""
     NWV: gl.constexpr = 16 // VPER
     HALF: gl.constexpr = VPER // 2
@@ -440,21 +478,24 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
         lo1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(lo1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
         hi1 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi1, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
         x = gl.where(tt < VPER, x, gl.where(j < HALF, lo1 + zero5, hi1 + zero5))
-    sh = _rot(j % HALF, BITS)
+    sh = _rot(j % HALF, BITS, BF16)
     sp = sc * (V_FS2 if BITS == 2 else V_FS4)  # prepared scale and bias of dequant_constants
     s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
-    z5 = gl.broadcast(gl.expand_dims(zr - sp * (V_FB2 if BITS == 2 else V_FB4), 0), x)[0]
-    y = _deq(x, sh, s5, z5, BITS, False)
+    if BF16:  # the magic is subtracted in _deq (exact), so the bias is the zero itself
+        z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
+    else:
+        z5 = gl.broadcast(gl.expand_dims(zr - sp * (V_FB2 if BITS == 2 else V_FB4), 0), x)[0]
+    y = _deq(x, sh, s5, z5, BITS, False, BF16)
     return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
 
 @gluon.jit
 def _scores(qb, klo, khi, ksc, kzr, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol,
             s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS: gl.constexpr, KPER: gl.constexpr,
-            WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
+            WANT_SCORES: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
     """Scores ``S^T [16 tokens, 8 queries]`` (log2 units) of chunk ``i`` of the half tile whose chunk 0 starts at
     ``T0`` (physical tokens ``T0 + trow + 2 i``), masked on boundary tiles; stored (natural units) when asked."""
-    ka = _kchunk(klo, khi, ksc, kzr, i, K_BITS, KPER)
+    ka = _kchunk(klo, khi, ksc, kzr, i, K_BITS, KPER, BF16)
     s = mma_v2(ka, qb, zs)
     tok = T0 + trow + 2 * i
     if MASKED:
@@ -471,14 +512,17 @@ def _scores(qb, klo, khi, ksc, kzr, zs, i: gl.constexpr, T0, kbeg, cnt, new0, tr
 
 @gluon.jit
 def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_BITS: gl.constexpr,
-        VPER: gl.constexpr, V_GROUP: gl.constexpr, MASKED: gl.constexpr):
+        VPER: gl.constexpr, V_GROUP: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
     """``acc += V^T_chunk @ P^T``: ``P^T`` [16, 8] moves from the accumulator to the B layout by ``movmatrix``."""
-    pt = gl.inline_asm_elementwise(TRANS, "=r,r", [p.to(gl.float16)], dtype=gl.float16, is_pure=True, pack=2)
+    if BF16:
+        pt = gl.inline_asm_elementwise(TRANS, "=r,r", [p.to(gl.bfloat16)], dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        pt = gl.inline_asm_elementwise(TRANS, "=r,r", [p.to(gl.float16)], dtype=gl.float16, is_pure=True, pack=2)
     # register j of lane l now holds P^T[2 (l % 4) + (j & 1) + 8 (j >> 1), l // 4]: as a [2, 8, 8] view that is the
     # B fragment of P^T with the last two axes swapped
     pb = gl.reshape(gl.permute(gl.reshape(pt, [2, 8, 8]), (0, 2, 1)), [16, 8])
     pb = gl.convert_layout(pb, B_L, assert_trivial=True)
-    va_ = _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, V_BITS, VPER, V_GROUP, MASKED)
+    va_ = _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, V_BITS, VPER, V_GROUP, MASKED, BF16)
     return mma_v2(va_, pb, acc)
 
 
@@ -487,7 +531,7 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
           k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
           COLBASE, col, LQ, kw_st, ks_st, kz_st, K_BITS: gl.constexpr, K_GROUP: gl.constexpr,
           V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr,
-          STAGED: gl.constexpr):
+          STAGED: gl.constexpr, BF16: gl.constexpr):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
     ``P V``. Halves keep only half of each lane's key words in registers. With ``STAGED`` the key words come from the
     shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage; otherwise from global memory."""
@@ -511,20 +555,20 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
             kzr = gl.load(k_zero2 + kbo + ks_off)
         wd = _key_words(k_data + kc_off, T0 + WOFF * w + krow_w, k_nrows, K_GROUP, KPER, MASKED)
     klo, khi = _merge_key(wd, w, KPER)
-    ksc, kzr = _prep_key(ksc, kzr, K_BITS)
+    ksc, kzr = _prep_key(ksc, kzr, K_BITS, BF16)
     T8 = T0 + HOFF * w  # the half's chunk i has physical tokens T8 + trow + 2 i
     vrow0 = T8 - kbeg + vbeg
     vptr = v_data + (vrow0 * (128 // VPER) + vw_off)
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
     zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
     s0 = _scores(qb, klo, khi, ksc, kzr, zs, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
     s1 = _scores(qb, klo, khi, ksc, kzr, zs, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
     s2 = _scores(qb, klo, khi, ksc, kzr, zs, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
     s3 = _scores(qb, klo, khi, ksc, kzr, zs, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED)
+                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
     mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
     m_new = gl.maximum(m_i, gl.max(mx, 0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -535,10 +579,10 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     p1 = gl.exp2(s1 - ms)
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
-    acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED)
-    acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED)
-    acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED)
-    acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED)
+    acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED, BF16)
+    acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED, BF16)
+    acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED, BF16)
+    acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED, BF16)
     l_i = l_i * alpha + gl.sum((p0 + p1) + (p2 + p3), 0)
     return acc, m_new, l_i
 
@@ -548,7 +592,7 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
           v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow,
           qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
           K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
-          WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr):
+          WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr):
     """Half tile ``ht`` of the head (tile ``ht // 2``, half ``ht % 2``). Staged keys: at the tile's first half the
     next tile (at token ``T_next``, when ``issue_next``) is copied into the other stage, and this tile's stage ``st``
     is waited for."""
@@ -574,12 +618,12 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K)
+                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K, BF16)
     else:
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K)
+                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K, BF16)
     if STAGE_K:
         if w == 1:
             _BARRIER()  # every lane has read this stage before it is refilled
@@ -612,6 +656,7 @@ def _kivi_attn_kernel(
     SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ctr_ptr,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
+    BF16: gl.constexpr,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
@@ -643,7 +688,10 @@ def _kivi_attn_kernel(
     qn = gl.arange(0, 8, layout=gl.SliceLayout(0, B_L))
     qmask = gl.expand_dims(qk < 128, 1) & gl.expand_dims(qn < M, 0)
     qv = gl.load(q_ptr + (hd * M + gl.expand_dims(qn, 0)) * 128 + gl.expand_dims(qk, 1), mask=qmask, other=0.0)
-    qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.float16)
+    if BF16:
+        qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.bfloat16)
+    else:
+        qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.float16)
 
     # per-element offsets, split into a lane part and a register constant (so loads use immediate offsets)
     r, f, a, e = _idx4(K4, 8, 16, 4, 2)
@@ -709,7 +757,7 @@ def _kivi_attn_kernel(
                                       vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows,
                                       v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol,
                                       s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
-                                      K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K)
+                                      K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16)
                 if w == 1:
                     ht = 2 * nxt
                     nxt = 2 * NSPLIT + _ticket(draw, ctr_ptr + hd, last)
@@ -724,7 +772,7 @@ def _kivi_attn_kernel(
                                       k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
                                       krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
                                       col, LQ, kflat, sflat, zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS,
-                                      V_GROUP, WANT_SCORES, STAGE_K)
+                                      V_GROUP, WANT_SCORES, STAGE_K, BF16)
                 cur = nxt
                 nxt = 2 * NSPLIT + _ticket(draw, ctr_ptr + hd, last)
     else:
@@ -737,7 +785,8 @@ def _kivi_attn_kernel(
                                   abeg + (ht // 2 + 1) * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
-                                  zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K)
+                                  zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K,
+                                  BF16)
     has = l_i > 0
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -756,7 +805,8 @@ def pair_fits(k, v) -> bool:
     return (ENABLED and k.fmt == CHANNEL and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
             and not k.has_out and not v.has_out and k.d == 128 and v.d == 128
             and k.group in (16, 32, 64, 128) and v.group % 16 == 0 and v.group <= 128
-            and all(t.dtype == torch.float16 and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
+            and k.scale.dtype in (torch.float16, torch.bfloat16)
+            and all(t.dtype == k.scale.dtype and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
             and all(t.is_contiguous() for t in (k.data, k.scale, k.zero, v.data, v.scale, v.zero))
             and k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0)
 
@@ -764,7 +814,7 @@ def pair_fits(k, v) -> bool:
 def supports(plan, q) -> bool:
     """Whether :func:`launch` serves ``plan`` for queries ``q`` (see the module docstring for the scope)."""
     H, M, D = q.shape
-    return (ENABLED and plan.gluon and q.is_cuda and q.dtype == torch.float16 and D == 128 and M <= 8
+    return (ENABLED and plan.gluon and q.is_cuda and q.dtype == plan.k.scale.dtype and D == 128 and M <= 8
             and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1")
 
 
@@ -782,7 +832,7 @@ def _consts(plan, want_scores: bool) -> dict:
     """Compile-time and launch options of ``plan``'s kernel."""
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits),
-                DYNAMIC=plan.dynamic,
+                DYNAMIC=plan.dynamic, BF16=plan.k.scale.dtype == torch.bfloat16,
                 num_warps=1, maxnreg=MAXNREG)
 
 
@@ -826,11 +876,12 @@ def resident_programs(plan) -> int:
     shared memory (the SM's, less 1 KB reserved per program); compiled once per configuration."""
     if PROGRAMS_PER_SM:
         return PROGRAMS_PER_SM
-    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K, plan.dynamic)
+    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K, plan.dynamic,
+           plan.k.scale.dtype)
     if key not in _RESIDENT:
         i64 = torch.int64
         kern = _kivi_attn_kernel.warmup(
-            torch.float16, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
+            plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, i64, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
             2, 2, 1.0, torch.int32, grid=(1,), **_consts(plan, False))
         kern._init_handles()
@@ -859,7 +910,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
 
 
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
-                    want_scores: bool = False, dynamic: bool = True):
+                    want_scores: bool = False, dynamic: bool = True, bf16: bool = False):
     """Build the kernel for an NVIDIA target without a GPU, with the runtime's options (how CI checks that it still
     compiles: the layout conversions are asserted trivial at build time). Returns the compiled kernel
     (``.asm["ptx"]``, ``["cubin"]``)."""
@@ -867,14 +918,15 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    sig = dict(q_ptr="*fp16", out_ptr="*fp32", lse_ptr="*fp32", s_ptr="*fp32", k_data="*i32", k_scale="*fp16",
-               k_zero="*fp16", v_data="*i32", v_scale="*fp16", v_zero="*fp16", meta_ptr="*i64")
+    h = "*bf16" if bf16 else "*fp16"
+    sig = dict(q_ptr=h, out_ptr="*fp32", lse_ptr="*fp32", s_ptr="*fp32", k_data="*i32", k_scale=h, k_zero=h,
+               v_data="*i32", v_scale=h, v_zero=h, meta_ptr="*i64")
     sig.update({n: "i32" for n in ("KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX",
                                    "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
     sig["sm_scale"] = "fp32"
     sig["ctr_ptr"] = "*i32"
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
-                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits), DYNAMIC=dynamic)
+                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits), DYNAMIC=dynamic, BF16=bf16)
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names

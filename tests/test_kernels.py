@@ -27,6 +27,7 @@ from methods.formats import ChannelQuant, Dense, TokenQuant  # noqa: E402
 DEV = torch.device("cuda" if CUDA else "cpu")
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA (larger shapes)")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+F16, BF16 = torch.float16, torch.bfloat16
 
 
 @pytest.fixture(autouse=True)
@@ -404,17 +405,19 @@ def test_launch_config_by_pair_kind():
 
 
 @gpu_only
-@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr,amp", [
-    (2, 2, 32, 32, 4, 1, False, True, 0, 1), (4, 4, 32, 32, 8, 1, True, False, 0, 1),
-    (2, 4, 64, 16, 1, 1, False, False, 0, 1), (4, 2, 128, 128, 4, 2, True, True, 3, 1),
-    (2, 2, 32, 64, 8, 4, False, True, 5, 1), (2, 2, 32, 32, 4, 1, True, False, 0, 1e-4),
-    (4, 4, 64, 32, 4, 1, False, False, 0, 4e-4)])
-def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, monkeypatch):
+@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr,amp,dtype", [
+    (2, 2, 32, 32, 4, 1, False, True, 0, 1, F16), (4, 4, 32, 32, 8, 1, True, False, 0, 1, F16),
+    (2, 4, 64, 16, 1, 1, False, False, 0, 1, F16), (4, 2, 128, 128, 4, 2, True, True, 3, 1, F16),
+    (2, 2, 32, 64, 8, 4, False, True, 5, 1, F16), (2, 2, 32, 32, 4, 1, True, False, 0, 1e-4, F16),
+    (4, 4, 64, 32, 4, 1, False, False, 0, 4e-4, F16), (2, 2, 32, 32, 4, 1, False, True, 0, 1, BF16),
+    (4, 4, 64, 32, 8, 1, True, False, 0, 1, BF16), (4, 2, 128, 128, 4, 2, False, True, 3, 1e-4, BF16)])
+def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch):
     """The Gluon kernel for KIVI-like fp16 pairs (taken: checked) against float64: ragged heads starting and ending
     mid-block or sharing one range, many splits, scores, causal new rows (``newr`` rows seen by query token i only up
     to row i); ``amp`` scales K and V (and 1 / (2 amp) the queries): 1e-4 for 2 bits and 4e-4 for 4 bits put the
     median quantization scale near 2^-12, the smallest for which the prepared scale ``s / 4`` is a normal fp16 (session
-    5's ``s 2^(bits - 10)`` was a subnormal with few bits left there)."""
+    5's ``s 2^(bits - 10)`` was a subnormal with few bits left there). bf16 caches run the same kernel with bf16
+    operands (exponent range of fp32: 1e-4 is only another scale)."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -432,8 +435,8 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
         starts = [int(torch.randint(0, c, (1,), generator=g)) for c in counts]
         cnts = [int(torch.randint(0, c - s + 1, (1,), generator=g)) for c, s in zip(counts, starts, strict=True)]
         cnts[0] = counts[0] - starts[0]
-    k_part = _make("C", counts, d, kbits, kg, torch.float16, g, 0)
-    v_part = _make("T", counts, d, vbits, vg, torch.float16, g, 0)
+    k_part = _make("C", counts, d, kbits, kg, dtype, g, 0)
+    v_part = _make("T", counts, d, vbits, vg, dtype, g, 0)
     for part in (k_part, v_part):
         part.scale.mul_(amp)
         part.zero.mul_(amp)
@@ -441,7 +444,7 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
     plan = PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
                     [vo[h] + starts[h] for h in range(H)], cnts, nsplit=7, newr=newr, device=DEV)
     assert plan.uniform == uniform
-    q = _randn(H, M, d, g=g, dtype=torch.float16, scale=1 if amp == 1 else 0.5 / amp)
+    q = _randn(H, M, d, g=g, dtype=dtype, scale=1 if amp == 1 else 0.5 / amp)
     o64, l64, s64 = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
     if newr:  # query token i (m % lq) sees new row j (of the last newr) only if j <= i
         nmax = max(cnts)
@@ -460,11 +463,11 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
     assert taken, "the Gluon kernel was not used"
     fin = torch.isfinite(l64)
     assert torch.equal(torch.isfinite(lse), fin)
-    assert relerr(out[fin], o64[fin]) < TOL[torch.float16]
+    assert relerr(out[fin], o64[fin]) < TOL[dtype]
     assert float((lse[fin].double() - l64[fin]).abs().max()) < 1e-1
     if want:
         sfin = torch.isfinite(s64)
-        assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[torch.float16]
+        assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[dtype]
 
 
 @gpu_only
@@ -530,9 +533,12 @@ def test_gluon_dynamic_schedule(kbits, monkeypatch):
 _BUILD = """
 import sys
 from kernels import gluon_attention as ga
-ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), 32, 32, want_scores=sys.argv[3] == "1").asm["ptx"]
-need = ("mma.sync.aligned.m16n8k16", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32", "fma.rn.f16x2", "prmt.b32",
-        "shf.l.wrap.b32")  # rotations
+bf16 = sys.argv[4] == "1"
+ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), 32, 32, want_scores=sys.argv[3] == "1",
+                         bf16=bf16).asm["ptx"]
+t = "bf16" if bf16 else "f16"
+need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32",
+        f"fma.rn.{t}x2", f"mul.rn.{t}x2", "prmt.b32", "shf.l.wrap.b32")  # rotations
 if sys.argv[1] == "2":
     need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
 if sys.argv[2] == "4":
@@ -542,8 +548,9 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
 """
 
 
-@pytest.mark.parametrize("kbits,vbits,want", [(2, 2, False), (4, 2, True), (2, 4, False)])
-def test_gluon_kernel_builds_for_hopper(kbits, vbits, want):
+@pytest.mark.parametrize("kbits,vbits,want,bf16", [(2, 2, False, False), (4, 2, True, False), (2, 4, False, False),
+                                                   (4, 4, False, True)])
+def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
     and pair-dequantization instructions it is built around, and no fp16 tile stored to shared memory."""
@@ -553,8 +560,9 @@ def test_gluon_kernel_builds_for_hopper(kbits, vbits, want):
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", _BUILD, str(kbits), str(vbits), "1" if want else "0"], cwd=root,
-                       env=env, capture_output=True, text=True, timeout=600)
+    args = [str(kbits), str(vbits), "1" if want else "0", "1" if bf16 else "0"]
+    r = subprocess.run([sys.executable, "-c", _BUILD, *args], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "missing: [] shared: False" in r.stdout, r.stdout
 
@@ -592,6 +600,41 @@ def test_gluon_pair_dequant_precision(bits):
             assert _pair_dequant_error(bits, magic, fs, fb, s, z) <= 1.0, (s, z)
     old = (0x6400, 2.0 ** (bits - 10), -1024.0)
     assert _pair_dequant_error(bits, *old, 1.37 * 2.0 ** -12, 0.0) > 2.0  # the old constants lose precision here
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gluon_pair_dequant_bf16_rounds_once(bits):
+    """bf16 caches: the magic ``2^(bits + 2)`` in bf16 with the code at mantissa bits ``7 - bits`` and up reads
+    ``2^(bits + 2) + 4 code``; the kernel subtracts the magic (exact: ``4 code``), then one ``fma`` with the
+    prepared scale ``s / 4`` (exact) and the zero rounds ``code s + z`` once to bf16, for every code, scales from
+    2^-60 to 2^40 and zeros across and beyond the group's range. The fp16 kernel's bias ``z - 2^bits s``, rounded to
+    bf16, misses the correctly rounded value by more than two bf16 steps somewhere in that range."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    def bf(x: float) -> float:  # round to bf16 (float64 -> float32 is exact for the values here)
+        return float(torch.tensor(x, dtype=torch.float32).to(torch.bfloat16))
+
+    magic, fs, _ = ga.dequant_constants(bits, bf16=True)
+    words = torch.tensor([magic | c << (7 - bits) for c in range(1 << bits)], dtype=torch.int32).to(torch.int16)
+    h = words.view(torch.bfloat16).double()
+    assert torch.equal(h, 2.0 ** (bits + 2) + 4 * torch.arange(1 << bits, dtype=torch.float64))
+    m = float(torch.tensor([magic], dtype=torch.int32).to(torch.int16).view(torch.bfloat16))
+    rng = np.random.default_rng(10 + bits)
+    old_worst = 0.0
+    for e in np.linspace(-60, 40, 51):
+        s = bf(2.0 ** e * rng.uniform(1, 2))
+        for z in (0.0, bf(-s * rng.uniform(0, 2 ** bits)), bf(s * rng.uniform(-30, 30))):
+            sp = bf(s * fs)
+            assert sp == s * fs  # exact
+            for code in range(1 << bits):
+                t = float(h[code]) - m  # exact
+                assert t == 4 * code
+                assert bf(t * sp + z) == bf(code * s + z), (s, z, code)
+                old = bf(float(h[code]) * sp + bf(z - 2 ** bits * s))  # the fp16 kernel's bias, in bf16
+                ulp = 2.0 ** (np.floor(np.log2(max(abs(code * s + z), 2.0 ** -126))) - 7)
+                old_worst = max(old_worst, abs(old - (code * s + z)) / ulp)
+    assert old_worst > 2  # the bias form is off by more than two bf16 steps somewhere: this test would catch it
 
 
 def _apply_bases(bases: list, o: int) -> tuple:
