@@ -38,9 +38,10 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
 * Dynamic schedule (:func:`dynamic_enabled`): the programs of a head take its units (half tiles; whole tiles for
   staged keys) from a per-head counter instead of equal static ranges. The warps sharing an SM progress at rates
   that differ by several percent (the schedulers do not serve them equally), so with static ranges the kernel waited
-  for the slowest; now slower programs do fewer units. Each processed unit draws one ticket, so the launch's final
-  ticket is known and its drawer resets the counter (:func:`counters`; no memset per launch). Run-to-run results then
-  differ in fp16 rounding; ``torch.use_deterministic_algorithms(True)`` (or ``KV_GLUON_DYNAMIC=0``) gives the static
+  for the slowest; now slower programs do fewer units. Each processed unit draws one ticket, so a launch draws
+  tickets 0 .. units - 1, and ``atom.inc`` bounded by the last one wraps the counter back to 0 with the final draw
+  (:func:`counters`: one zeroed buffer per plan, no memset per launch). Run-to-run results then differ in rounding;
+  ``torch.use_deterministic_algorithms(True)`` (or ``KV_GLUON_DYNAMIC=0``), read at each launch, gives the static
   ranges.
 * Token and channel permutations are free: the softmax sums over tokens, scores are stored at their physical
   columns and the output at its physical channels.
@@ -57,6 +58,7 @@ and value groups multiples of 16 up to 128. Everything else runs on :mod:`kernel
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -140,13 +142,13 @@ def _f16_bits(x: float, bf16: bool = False) -> int:
 
 
 def _deq_asm(bits: int, key: bool, bf16: bool = False) -> str:
-    """Per fragment register: ``$0`` fp16x2 out; ``$1, $2`` the merged word (twice); ``$3, $4`` the rotation
+    """Per fragment register: ``$0`` fp16x2 (bf16x2) out; ``$1, $2`` the merged word (twice); ``$3, $4`` the rotation
     (twice); then the prepared scale and bias pairs (:func:`_prep_asm`): int32 words ``$5, $6`` / ``$7, $8`` (keys)
-    or packed fp16 ``$5`` / ``$6`` (values).
+    or packed 16-bit pairs ``$5`` / ``$6`` (values).
 
-    Three instructions per pair: a rotation brings each half's code to mantissa bits ``10 - bits`` and up, ``lop3``
-    ors it into the magic (:func:`dequant_constants`), and one ``fma`` with the prepared scale and bias gives
-    ``code * s + z``."""
+    Three instructions per pair: a rotation brings each half's code to mantissa bits ``10 - bits`` (bf16:
+    ``7 - bits``) and up, ``lop3`` ors it into the magic (:func:`dequant_constants`), and one ``fma`` with the
+    prepared scale and bias gives ``code * s + z``; bf16 subtracts the magic between them (four)."""
     mask = ((1 << bits) - 1) << (_mant(bf16) - bits)
     magic = dequant_constants(bits, bf16)[0]
     sc, zr = ("$5", "$7") if key else ("$5", "$6")
@@ -193,15 +195,12 @@ PREP2B: gl.constexpr = gl.constexpr(_prep_asm(2, True))
 PREP4B: gl.constexpr = gl.constexpr(_prep_asm(4, True))
 TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
 # the dynamic schedule's counter draw in two parts, so the atomic's latency is not waited for where it is issued:
-# lane 0 adds 1 (GRAB); later its old value is broadcast to the warp, and lane 0 resets the counter when it drew the
-# launch's final ticket (TICKET)
+# lane 0 draws (GRAB: atom.inc, which returns the old value and wraps the counter to 0 once it reaches the launch's
+# final ticket), and later the drawn ticket is broadcast to the warp (TICKET)
 GRAB: gl.constexpr = gl.constexpr("\n".join([
     "{", ".reg .pred p;", ".reg .b32 l;", "mov.u32 l, %laneid;", "setp.eq.u32 p, l, 0;", "mov.u32 $0, 0;",
-    "@p atom.global.add.u32 $0, [$1], 1;", "}"]))
-TICKET: gl.constexpr = gl.constexpr("\n".join([
-    "{", ".reg .pred p, q;", ".reg .b32 l;", "mov.u32 l, %laneid;", "setp.eq.u32 p, l, 0;",
-    "setp.eq.and.u32 q, $1, $3, p;", "@q st.global.u32 [$2], 0;", "shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;",
-    "}"]))
+    "@p atom.global.inc.u32 $0, [$1], $2;", "}"]))
+TICKET: gl.constexpr = gl.constexpr("shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;")
 
 
 # ---- shared-memory staging of key tiles (cp.async one tile ahead) ------------------------------------------------
@@ -342,6 +341,12 @@ def _prep_key(sc, zr, BITS: gl.constexpr, BF16: gl.constexpr):
     """Key scale / zero int32 pairs -> (prepared scale, bias) pairs for :func:`_deq`."""
     ASM: gl.constexpr = (PREP2B if BITS == 2 else PREP4B) if BF16 else (PREP2 if BITS == 2 else PREP4)
     return gl.inline_asm_elementwise(ASM, "=r,=r,r,r", [sc, zr], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+
+
+def rotation(j: int, bits: int, bf16: bool = False) -> int:
+    """Left rotation that brings code ``j`` of a 16-bit half to mantissa bits ``10 - bits`` (bf16: ``7 - bits``) and
+    up (:func:`_rot` in the kernel, which the CPU tests cannot run)."""
+    return (_mant(bf16) - bits - bits * j) % 32
 
 
 @gluon.jit
@@ -631,16 +636,17 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
 
 
 @gluon.jit
-def _grab(ctr):
-    """Draw the head's next ticket: lane 0 adds 1 to the counter at ``ctr``; :func:`_ticket` reads the draw."""
-    return gl.inline_asm_elementwise(GRAB, "=r,l", [ctr], dtype=gl.int32, is_pure=False, pack=1)
+def _grab(ctr, last):
+    """Draw the head's next ticket (lane 0; :func:`_ticket` reads it): ``atom.inc`` with bound ``last`` returns the
+    counter and adds 1, or sets it back to 0 when it was ``last``. Every unit a program works on draws once, so a
+    launch draws tickets 0 .. ``last`` and leaves the counter at 0 for the next launch."""
+    return gl.inline_asm_elementwise(GRAB, "=r,l,r", [ctr, last], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
-def _ticket(draw, ctr, last):
-    """The drawn ticket (lane 0's old counter value) for the whole warp. The lane that drew ticket ``last`` (the
-    launch's final draw: every unit a program works on draws once) sets the counter back to 0 for the next launch."""
-    return gl.inline_asm_elementwise(TICKET, "=r,r,l,r", [draw, ctr, last], dtype=gl.int32, is_pure=False, pack=1)
+def _ticket(draw):
+    """The ticket lane 0 drew, for the whole warp."""
+    return gl.inline_asm_elementwise(TICKET, "=r,r", [draw], dtype=gl.int32, is_pure=False, pack=1)
 
 
 # sizes are runtime values: specialising on them (== 1, multiples of 16) would recompile as a decode cache grows, and
@@ -746,13 +752,13 @@ def _kivi_attn_kernel(
             if sp < ntiles:
                 _issue_keys(kflat, sflat, zflat, 0, abeg + sp * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
             async_copy.commit_group()
-        tc = sp * 0  # units done (the stage parity)
-        draw = sp * 0
         if STAGE_K:
+            tc = sp * 0  # tiles done (the stage parity)
+            draw = sp * 0
             while ht < 2 * ntiles:
                 w = ht % 2
                 if w == 0:
-                    draw = _grab(ctr_ptr + hd)
+                    draw = _grab(ctr_ptr + hd, last)
                 acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, ht, tc % 2, nxt < ntiles, abeg + nxt * 128, abeg, kbeg,
                                       vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows,
                                       v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol,
@@ -760,21 +766,21 @@ def _kivi_attn_kernel(
                                       K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16)
                 if w == 1:
                     ht = 2 * nxt
-                    nxt = 2 * NSPLIT + _ticket(draw, ctr_ptr + hd, last)
+                    nxt = 2 * NSPLIT + _ticket(draw)
                     tc += 1
                 else:
                     ht += 1
         else:
             cur = sp
             while cur < 2 * ntiles:
-                draw = _grab(ctr_ptr + hd)
+                draw = _grab(ctr_ptr + hd, last)
                 acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, cur, 0, False, 0, abeg, kbeg, vbeg, cnt, new0, k_data,
                                       k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
                                       krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
                                       col, LQ, kflat, sflat, zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS,
                                       V_GROUP, WANT_SCORES, STAGE_K, BF16)
                 cur = nxt
-                nxt = 2 * NSPLIT + _ticket(draw, ctr_ptr + hd, last)
+                nxt = 2 * NSPLIT + _ticket(draw)
     else:
         if STAGE_K:
             if t_lo < t_hi:
@@ -805,10 +811,16 @@ def pair_fits(k, v) -> bool:
     return (ENABLED and k.fmt == CHANNEL and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
             and not k.has_out and not v.has_out and k.d == 128 and v.d == 128
             and k.group in (16, 32, 64, 128) and v.group % 16 == 0 and v.group <= 128
-            and k.scale.dtype in (torch.float16, torch.bfloat16)
+            and (k.scale.dtype == torch.float16  # bf16: mul / sub .bf16x2 need sm_90
+                 or (k.scale.dtype == torch.bfloat16 and k.scale.is_cuda and _major_cc(k.scale.device.index) >= 9))
             and all(t.dtype == k.scale.dtype and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
             and all(t.is_contiguous() for t in (k.data, k.scale, k.zero, v.data, v.scale, v.zero))
             and k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0)
+
+
+@functools.cache
+def _major_cc(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def supports(plan, q) -> bool:
@@ -832,7 +844,8 @@ def _consts(plan, want_scores: bool) -> dict:
     """Compile-time and launch options of ``plan``'s kernel."""
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits),
-                DYNAMIC=plan.dynamic, BF16=plan.k.scale.dtype == torch.bfloat16,
+                DYNAMIC=plan.counters is not None and dynamic_enabled(),
+                BF16=plan.k.scale.dtype == torch.bfloat16,
                 num_warps=1, maxnreg=MAXNREG)
 
 
@@ -844,8 +857,8 @@ def staged(k_bits: int) -> bool:
 
 def dynamic_enabled() -> bool:
     """The dynamic schedule, unless switched off (``KV_GLUON_DYNAMIC=0``) or deterministic algorithms are asked for
-    (``torch.use_deterministic_algorithms``): which program does which unit varies from run to run, and with it the
-    fp16 rounding of the probabilities (relative differences near 1e-4 between runs)."""
+    (``torch.use_deterministic_algorithms``; read at each launch): which program does which unit varies from run to
+    run, and with it the rounding of the probabilities (relative output differences near 2.5e-4 between runs)."""
     return DYNAMIC and not torch.are_deterministic_algorithms_enabled()
 
 
@@ -854,20 +867,12 @@ def unit_halves(k_bits: int) -> int:
     return 2 if staged(k_bits) else 1
 
 
-_COUNTERS: dict = {}
-
-
 def counters(n_heads: int, device: torch.device) -> torch.Tensor:
-    """Per-head unit counters (int32, zero between launches) for dynamic launches from the current stream of
-    ``device``. Every launch leaves them at zero (its final draw resets each head's counter), so the launches of one
-    stream, which run one after another, share them; another stream gets its own."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, torch.cuda.current_stream(index).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n_heads:
-        buf = torch.zeros(max(n_heads, 256), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf[:n_heads]
+    """A plan's per-head unit counters (int32, zeroed here, on the current stream): every dynamic launch leaves them
+    at 0 (:func:`_grab`), so the plan's launches, which run one after another, reuse them. Like the plan's other
+    tensors they belong to the stream the plan is used on; two launches of one plan running at once on two streams
+    would share them."""
+    return torch.zeros(n_heads, dtype=torch.int32, device=device)
 
 
 def resident_programs(plan) -> int:
@@ -876,8 +881,8 @@ def resident_programs(plan) -> int:
     shared memory (the SM's, less 1 KB reserved per program); compiled once per configuration."""
     if PROGRAMS_PER_SM:
         return PROGRAMS_PER_SM
-    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K, plan.dynamic,
-           plan.k.scale.dtype)
+    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K,
+           plan.counters is not None and dynamic_enabled(), plan.k.scale.dtype)
     if key not in _RESIDENT:
         i64 = torch.int64
         kern = _kivi_attn_kernel.warmup(

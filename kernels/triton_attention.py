@@ -306,9 +306,8 @@ class PairPlan:
         else:
             self.meta = torch.tensor([kbeg, vbeg, cnt, col], dtype=torch.int64, device=device)
             self.scalars = (0, 0, 0, 0, 0, 0)
-        # the Gluon kernel's dynamic schedule and its per-head unit counters
-        self.dynamic = self.gluon and device.type == "cuda" and _gluon.dynamic_enabled()
-        self.counters = _gluon.counters(len(cnt), device) if self.dynamic else None
+        # per-head unit counters of the Gluon kernel's dynamic schedule (used when it is on at launch)
+        self.counters = _gluon.counters(len(cnt), device) if self.gluon and device.type == "cuda" else None
         if nsplit is not None:
             self.nsplit = nsplit
         elif self.gluon and device.type == "cuda":
@@ -340,7 +339,7 @@ class PairPlan:
             return choose_splits(n_heads, self.max_cnt, device, 4, PACKED_PROGRAMS_PER_SM)
         tiles = max(1, math.ceil(self.max_cnt / 128))
         want = max(1, fit * _num_sms(device) // max(n_heads, 1))
-        if self.dynamic and 2 * tiles >= 2 * want * _gluon.unit_halves(self.k.bits):
+        if _gluon.dynamic_enabled() and tiles >= want * _gluon.unit_halves(self.k.bits):
             return min(want, 256)  # two units or more per program: the counter balances them
         per = math.ceil(tiles / min(want, tiles))
         return max(1, min(math.ceil(tiles / per), 256))

@@ -497,18 +497,20 @@ def test_gluon_dynamic_schedule(kbits, monkeypatch):
         return PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
                         [ko[h] + starts[h] for h in range(H)], cnts, nsplit=nsplit, device=DEV)
 
+    modes = []
+    consts = ga._consts
+    monkeypatch.setattr(ga, "_consts", lambda *a: (modes.append(consts(*a)["DYNAMIC"]), consts(*a))[1])
     monkeypatch.setattr(ga, "DYNAMIC", False)
     static = plan(7)
-    assert not static.dynamic and static.counters is None
     o_static, _ = attend_pairs(q, [static], d ** -0.5)
+    assert modes == [False] and int(static.counters.abs().sum()) == 0
     monkeypatch.setattr(ga, "DYNAMIC", True)
     for nsplit in (1, 3, 24, None):
         p = plan(nsplit)
-        assert p.dynamic and p.gluon
         for _ in range(2):
             out, lse = attend_pairs(q, [p], d ** -0.5)
             torch.cuda.synchronize()
-            assert int(p.counters.abs().sum()) == 0
+            assert modes[-1] is True and int(p.counters.abs().sum()) == 0
             assert torch.equal(torch.isfinite(lse), fin)
             assert relerr(out[fin], o64[fin]) < TOL[torch.float16]
             assert relerr(out[fin], o_static[fin]) < 2e-3
@@ -522,10 +524,10 @@ def test_gluon_dynamic_schedule(kbits, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert int(p.counters.abs().sum()) == 0 and relerr(gout[fin], o64[fin]) < TOL[torch.float16]
+    # deterministic algorithms asked for after the plan was made: the next launch takes static ranges
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    p = plan()
-    assert not p.dynamic
     first, _ = attend_pairs(q, [p], d ** -0.5)
+    assert modes[-1] is False
     for _ in range(3):
         assert torch.equal(attend_pairs(q, [p], d ** -0.5)[0], first)
 
@@ -533,9 +535,9 @@ def test_gluon_dynamic_schedule(kbits, monkeypatch):
 _BUILD = """
 import sys
 from kernels import gluon_attention as ga
-bf16 = sys.argv[4] == "1"
+bf16, dynamic = sys.argv[4] == "1", sys.argv[5] == "1"
 ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), 32, 32, want_scores=sys.argv[3] == "1",
-                         bf16=bf16).asm["ptx"]
+                         bf16=bf16, dynamic=dynamic).asm["ptx"]
 t = "bf16" if bf16 else "f16"
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32",
         f"fma.rn.{t}x2", f"mul.rn.{t}x2", "prmt.b32", "shf.l.wrap.b32")  # rotations
@@ -543,14 +545,20 @@ if sys.argv[1] == "2":
     need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
 if sys.argv[2] == "4":
     need += ("ld.global.v2.b32",)  # a token's two 4-bit value words per lane in one load
-need += ("atom.global.add.u32", "shfl.sync.idx.b32")  # the dynamic schedule's counter draws
+if bf16:
+    need += ("sub.rn.bf16x2",)  # the magic subtracted before the fma
+if dynamic:
+    need += ("atom.global.inc.u32", "shfl.sync.idx.b32")  # the dynamic schedule's counter draws
+elif "atom.global" in ptx:
+    need += ("no atomics in the static schedule",)
 print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in ptx)
 """
 
 
-@pytest.mark.parametrize("kbits,vbits,want,bf16", [(2, 2, False, False), (4, 2, True, False), (2, 4, False, False),
-                                                   (4, 4, False, True)])
-def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16):
+@pytest.mark.parametrize("kbits,vbits,want,bf16,dynamic", [
+    (2, 2, False, False, True), (4, 2, True, False, True), (2, 4, False, False, False), (4, 4, False, True, True),
+    (2, 2, True, True, False)])
+def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
     and pair-dequantization instructions it is built around, and no fp16 tile stored to shared memory."""
@@ -560,7 +568,7 @@ def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16):
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [str(kbits), str(vbits), "1" if want else "0", "1" if bf16 else "0"]
+    args = [str(kbits), str(vbits), "1" if want else "0", "1" if bf16 else "0", "1" if dynamic else "0"]
     r = subprocess.run([sys.executable, "-c", _BUILD, *args], cwd=root, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -602,39 +610,89 @@ def test_gluon_pair_dequant_precision(bits):
     assert _pair_dequant_error(bits, *old, 1.37 * 2.0 ** -12, 0.0) > 2.0  # the old constants lose precision here
 
 
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float64 -> bf16 bit patterns, rounded to nearest even (normal range)."""
+    m, e = np.frexp(x)
+    r = np.ldexp(np.round(np.ldexp(m, 8)), e - 8)  # 8 significant bits; np.round rounds half to even
+    return (r.astype(np.float32).view(np.uint32) >> 16).astype(np.uint32)
+
+
+def _bf16_val(h: np.ndarray) -> np.ndarray:
+    return (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """Emulate the few PTX instructions of the kernel's dequantization strings on uint32 arrays (bf16x2 arithmetic
+    exact in float64, one rounding to nearest even)."""
+    def val(tok):
+        tok = tok.strip()
+        return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+
+    def halves(x):
+        return _bf16_val(x & 0xFFFF), _bf16_val(x >> 16)
+
+    def pack(lo, hi):
+        return (_bf16_bits(lo) | _bf16_bits(hi) << 16).astype(np.uint32)
+
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = np.asarray(val(a[1]), dtype=np.uint32)
+        elif op == "shf.l.wrap.b32":  # funnel shift of (a, b) = rotation when a == b
+            x, n = np.asarray(val(a[1]), dtype=np.uint64), np.asarray(val(a[3]), dtype=np.uint64) % 32
+            regs[a[0]] = ((x << n | x >> ((32 - n) % 32)) & 0xFFFFFFFF).astype(np.uint32)
+        elif op == "lop3.b32":
+            assert a[4] == "0xEA"  # (a & b) | c
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op in ("sub.rn.bf16x2", "mul.rn.bf16x2", "fma.rn.bf16x2"):
+            x = [halves(np.asarray(val(t), dtype=np.uint32)) for t in a[1:]]
+            f = {"sub.rn.bf16x2": lambda p, q: p - q, "mul.rn.bf16x2": lambda p, q: p * q,
+                 "fma.rn.bf16x2": lambda p, q, r: p * q + r}[op]
+            regs[a[0]] = pack(*(f(*(xi[k] for xi in x)) for k in (0, 1)))
+        else:
+            raise AssertionError(f"not emulated: {op}")
+    return regs
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_gluon_pair_dequant_bf16_rounds_once(bits):
-    """bf16 caches: the magic ``2^(bits + 2)`` in bf16 with the code at mantissa bits ``7 - bits`` and up reads
-    ``2^(bits + 2) + 4 code``; the kernel subtracts the magic (exact: ``4 code``), then one ``fma`` with the
-    prepared scale ``s / 4`` (exact) and the zero rounds ``code s + z`` once to bf16, for every code, scales from
-    2^-60 to 2^40 and zeros across and beyond the group's range. The fp16 kernel's bias ``z - 2^bits s``, rounded to
-    bf16, misses the correctly rounded value by more than two bf16 steps somewhere in that range."""
+    """bf16 caches: the kernel's PTX strings (:func:`_prep_asm`, :func:`_deq_asm` for keys and values), run by a small
+    emulator with the kernel's rotation for every code position, give ``code s + z`` rounded once to bf16 in both
+    halves, for random words, scales from 2^-60 to 2^40 and zeros across and beyond the group's range. (The fp16
+    form's bias ``z - 2^bits s``, rounded to bf16, misses by several bf16 steps: the ``sub`` of the magic matters.)"""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     from kernels import gluon_attention as ga
 
-    def bf(x: float) -> float:  # round to bf16 (float64 -> float32 is exact for the values here)
-        return float(torch.tensor(x, dtype=torch.float32).to(torch.bfloat16))
-
-    magic, fs, _ = ga.dequant_constants(bits, bf16=True)
-    words = torch.tensor([magic | c << (7 - bits) for c in range(1 << bits)], dtype=torch.int32).to(torch.int16)
-    h = words.view(torch.bfloat16).double()
-    assert torch.equal(h, 2.0 ** (bits + 2) + 4 * torch.arange(1 << bits, dtype=torch.float64))
-    m = float(torch.tensor([magic], dtype=torch.int32).to(torch.int16).view(torch.bfloat16))
     rng = np.random.default_rng(10 + bits)
-    old_worst = 0.0
-    for e in np.linspace(-60, 40, 51):
-        s = bf(2.0 ** e * rng.uniform(1, 2))
-        for z in (0.0, bf(-s * rng.uniform(0, 2 ** bits)), bf(s * rng.uniform(-30, 30))):
-            sp = bf(s * fs)
-            assert sp == s * fs  # exact
-            for code in range(1 << bits):
-                t = float(h[code]) - m  # exact
-                assert t == 4 * code
-                assert bf(t * sp + z) == bf(code * s + z), (s, z, code)
-                old = bf(float(h[code]) * sp + bf(z - 2 ** bits * s))  # the fp16 kernel's bias, in bf16
-                ulp = 2.0 ** (np.floor(np.log2(max(abs(code * s + z), 2.0 ** -126))) - 7)
-                old_worst = max(old_worst, abs(old - (code * s + z)) / ulp)
-    assert old_worst > 2  # the bias form is off by more than two bf16 steps somewhere: this test would catch it
+    n = 4000
+    s = np.ldexp(rng.uniform(1, 2, (n, 2)), rng.integers(-60, 41, (n, 2)))
+    z = s * rng.uniform(-30, 30, (n, 2)) * (rng.uniform(size=(n, 2)) < 0.8)
+    sb, zb = _bf16_bits(s), _bf16_bits(z)
+    s, z = _bf16_val(sb), _bf16_val(zb)
+    words = rng.integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+    spair, zpair = (sb[:, 0] | sb[:, 1] << 16).astype(np.uint32), (zb[:, 0] | zb[:, 1] << 16).astype(np.uint32)
+    prep = _run_ptx(ga._prep_asm(bits, bf16=True), {"$2": spair, "$3": zpair})
+    for key in (True, False):
+        asm = ga._deq_asm(bits, key, bf16=True)
+        for j in range(16 // bits):
+            regs = {"$1": words, "$2": words, "$3": np.uint32(ga.rotation(j, bits, True)),
+                    "$4": np.uint32(ga.rotation(j, bits, True))}
+            if key:  # prepared scale and bias from _prep_asm (int32 words of two channels)
+                regs.update({"$5": prep["$0"], "$6": prep["$0"], "$7": prep["$1"], "$8": prep["$1"]})
+            else:  # values: the kernel passes s / 4 (exact) and the zero
+                regs.update({"$5": _bf16_bits(s / 4)[:, 0] | _bf16_bits(s / 4)[:, 1] << 16, "$6": zpair})
+            out = _run_ptx(asm, regs)["$0"]
+            for half in (0, 1):
+                code = (words >> (16 * half + bits * j)) & ((1 << bits) - 1)
+                want = _bf16_bits(code * s[:, half] + z[:, half])
+                got = (out >> (16 * half)) & 0xFFFF
+                assert np.array_equal(got, want), (key, j, half)
+    biased = ga._deq_asm(bits, True, bf16=True).replace("sub.rn.bf16x2 t, t, k;", "")
+    assert biased != ga._deq_asm(bits, True, bf16=True)  # the subtraction is in the kernel's string
 
 
 def _apply_bases(bases: list, o: int) -> tuple:
