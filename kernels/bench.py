@@ -4,7 +4,8 @@
 
 Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
-and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V). Times are
+and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V); then bf16
+SDPA and KIVI 4-bit / 2-bit quantized from the same K/V in bf16 (their speed-ups are against bf16 SDPA). Times are
 medians of CUDA-event timings; bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
 ``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop runs it; the host's Python
@@ -191,9 +192,24 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
         nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(q)
         add(name, _times(lambda plans=plans: attend_pairs(qg, plans, scale)), nbytes,
             "gluon" if all(gluon_serves(p, qg) for p in plans) else "triton")
-    for r in rows:
+    # bf16 caches (a bf16 model's): the KIVI parts quantized from the same K/V in bf16, against bf16 SDPA
+    k16, v16, q16 = k.to(torch.bfloat16), v.to(torch.bfloat16), q.to(torch.bfloat16)
+    t_bf16 = _times(lambda: F.scaled_dot_product_attention(q16, k16.view(B, hkv, T, d), v16.view(B, hkv, T, d),
+                                                           scale=scale, enable_gqa=True))
+    add("sdpa-bf16", t_bf16, fp16_bytes)
+    rows[-1]["base"] = t_bf16[0]
+    qg16 = q16.view(B, hkv, g, d).reshape(B * hkv, g, d)
+    counts = (T,) * (B * hkv)
+    for bits in (4, 2):
+        pairs = [(channel_part(k16, counts, bits, 32), token_part(v16, counts, bits, 32), counts)]
+        plans = plans_for(pairs, q.device)
+        nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(q16)
+        add(f"kivi-{bits}bit-bf16", _times(lambda plans=plans: attend_pairs(qg16, plans, scale)), nbytes,
+            "gluon" if all(gluon_serves(p, qg16) for p in plans) else "triton")
+        rows[-1]["base"] = t_bf16[0]
+    for r in rows:  # ratios against fp16 SDPA (bf16 rows: against bf16 SDPA)
         r["byte_ratio"] = round(fp16_bytes / r["bytes"], 3)
-        r["speedup_vs_sdpa"] = round(t_sdpa / (r["time_us"] * 1e-3), 3)
+        r["speedup_vs_sdpa"] = round(r.pop("base", t_sdpa) / (r["time_us"] * 1e-3), 3)
         r["speedup_over_byte_ratio"] = round(r["speedup_vs_sdpa"] / r["byte_ratio"], 3)
     # prefill: quantize+pack of one layer (batch B) vs SDPA causal prefill at batch 1 scaled by B
     from kernels import triton_quant as tq
