@@ -171,12 +171,19 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
     fp16_bytes = _nbytes(k, v, q)
     rows = []
 
-    def add(method, times, nbytes, kernel="torch"):
+    def add(method, times, nbytes, kernel="torch", base=None):
+        """One row; ``base``: the SDPA time (ms) its speed-up is against (default: fp16 SDPA)."""
         ms, eager = times
         bw = nbytes / (ms * 1e-3)
         rows.append(dict(context=T, batch=B, method=method, kernel=kernel, time_us=round(ms * 1e3, 2), bytes=nbytes,
                          gbps=round(bw / 1e9, 1), frac_copy_bw=round(bw / copy_bw, 3),
-                         eager_us=round(eager * 1e3, 2)))
+                         eager_us=round(eager * 1e3, 2), base=base))
+
+    def add_pairs(method, pairs, qq, base=None):
+        plans = plans_for(pairs, q.device)
+        nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(qq)
+        add(method, _times(lambda: attend_pairs(qq, plans, scale)), nbytes,
+            "gluon" if all(gluon_serves(p, qq) for p in plans) else "triton", base)
 
     times = _times(lambda: F.scaled_dot_product_attention(q, k4, v4, scale=scale, enable_gqa=True))
     add("sdpa-fp16", times, fp16_bytes)
@@ -188,28 +195,21 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
         del kf, vf
     qg = q.view(B, hkv, g, d).reshape(B * hkv, g, d)
     for name, pairs in data["cases"].items():
-        plans = plans_for(pairs, q.device)
-        nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(q)
-        add(name, _times(lambda plans=plans: attend_pairs(qg, plans, scale)), nbytes,
-            "gluon" if all(gluon_serves(p, qg) for p in plans) else "triton")
+        add_pairs(name, pairs, qg)
     # bf16 caches (a bf16 model's): the KIVI parts quantized from the same K/V in bf16, against bf16 SDPA
     k16, v16, q16 = k.to(torch.bfloat16), v.to(torch.bfloat16), q.to(torch.bfloat16)
     t_bf16 = _times(lambda: F.scaled_dot_product_attention(q16, k16.view(B, hkv, T, d), v16.view(B, hkv, T, d),
                                                            scale=scale, enable_gqa=True))
-    add("sdpa-bf16", t_bf16, fp16_bytes)
-    rows[-1]["base"] = t_bf16[0]
+    add("sdpa-bf16", t_bf16, fp16_bytes, base=t_bf16[0])
     qg16 = q16.view(B, hkv, g, d).reshape(B * hkv, g, d)
     counts = (T,) * (B * hkv)
     for bits in (4, 2):
-        pairs = [(channel_part(k16, counts, bits, 32), token_part(v16, counts, bits, 32), counts)]
-        plans = plans_for(pairs, q.device)
-        nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(q16)
-        add(f"kivi-{bits}bit-bf16", _times(lambda plans=plans: attend_pairs(qg16, plans, scale)), nbytes,
-            "gluon" if all(gluon_serves(p, qg16) for p in plans) else "triton")
-        rows[-1]["base"] = t_bf16[0]
+        add_pairs(f"kivi-{bits}bit-bf16", [(channel_part(k16, counts, bits, 32), token_part(v16, counts, bits, 32),
+                                             counts)], qg16, base=t_bf16[0])
     for r in rows:  # ratios against fp16 SDPA (bf16 rows: against bf16 SDPA)
         r["byte_ratio"] = round(fp16_bytes / r["bytes"], 3)
-        r["speedup_vs_sdpa"] = round(r.pop("base", t_sdpa) / (r["time_us"] * 1e-3), 3)
+        base = r.pop("base")
+        r["speedup_vs_sdpa"] = round((t_sdpa if base is None else base) / (r["time_us"] * 1e-3), 3)
         r["speedup_over_byte_ratio"] = round(r["speedup_vs_sdpa"] / r["byte_ratio"], 3)
     # prefill: quantize+pack of one layer (batch B) vs SDPA causal prefill at batch 1 scaled by B
     from kernels import triton_quant as tq

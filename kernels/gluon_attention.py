@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import warnings
 
 import torch
@@ -134,8 +135,6 @@ def dequant_constants(bits: int, bf16: bool = False) -> tuple[int, float, float]
 
 def _f16_bits(x: float, bf16: bool = False) -> int:
     """The 16 bits of ``x`` (exact in the format) as fp16 or bf16."""
-    import struct
-
     if bf16:
         return struct.unpack("<I", struct.pack("<f", x))[0] >> 16
     return struct.unpack("<H", struct.pack("<e", x))[0]
@@ -752,7 +751,6 @@ def _kivi_attn_kernel(
             if sp < ntiles:
                 _issue_keys(kflat, sflat, zflat, 0, abeg + sp * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
             async_copy.commit_group()
-        if STAGE_K:
             tc = sp * 0  # tiles done (the stage parity)
             draw = sp * 0
             while ht < 2 * ntiles:
@@ -881,8 +879,7 @@ def resident_programs(plan) -> int:
     shared memory (the SM's, less 1 KB reserved per program); compiled once per configuration."""
     if PROGRAMS_PER_SM:
         return PROGRAMS_PER_SM
-    key = (plan.k.bits, plan.k.group, plan.v.bits, plan.v.group, plan.uniform, MAXNREG, STAGE_K,
-           plan.counters is not None and dynamic_enabled(), plan.k.scale.dtype)
+    key = tuple(_consts(plan, False).items())  # the kernel that launches
     if key not in _RESIDENT:
         i64 = torch.int64
         kern = _kivi_attn_kernel.warmup(
