@@ -4,7 +4,8 @@
 
 Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
-and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V); then bf16
+and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V) and QAQ's
+format at one width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row); then bf16
 SDPA and KIVI 4-bit / 2-bit quantized from the same K/V in bf16 (their speed-ups are against bf16 SDPA). Times are
 medians of CUDA-event timings; bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
@@ -96,6 +97,8 @@ def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
         pairs.append((token_part(ks, sub, bits, 32, 0.01), token_part(vs, sub, bits, 32, 0.01), sub))
         start += n
     cases["qaq-mix-2/3/4bit+1%"] = pairs
+    for bits in (4, 2):  # QAQ's format at one width: TokenQuant K and V, a scale and zero per row, no outliers
+        cases[f"qaq-{bits}bit-rows"] = [(token_part(k, counts, bits, d), token_part(v, counts, bits, d), counts)]
     return {"k": k, "v": v, "cases": cases}
 
 

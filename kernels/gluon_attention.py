@@ -1,5 +1,6 @@
-"""Gluon decode attention for KIVI-like fp16 pairs: per-channel keys + per-token values, dequantized in registers
-straight into the tensor-core operand layout (no fp16 tile goes through shared memory).
+"""Gluon decode attention for packed fp16 / bf16 pairs: per-channel (KIVI) or per-token (QAQ, MiKV) keys +
+per-token values, dequantized in registers straight into the tensor-core operand layout (no fp16 tile goes through
+shared memory).
 
 Why a second kernel: the Triton kernel (:mod:`kernels.triton_attention`) expands codes in a blocked layout and lets the
 compiler move the fp16 tile into the ``mma`` operand layout through shared memory; on the H100 that conversion, the
@@ -17,6 +18,12 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
   ``r = m % 8`` holds tokens ``16 r .. 16 r + 15`` of every channel it owns: one word of a per-channel key block, of
   which a half tile uses one half. For 4-bit keys it is token ``64 w + 8 (m % 8) + 2 i + m // 8``: each half tile
   uses one 8-token word per lane and channel, and the two halves are the tile's two 64-token halves.
+* TokenQuant keys (per-token groups of channels, codes packed along channels: QAQ's and MiKV's format) use the
+  4-bit token order above, and a channel order of their own (:func:`tok_key_channel`; the queries are loaded in it):
+  lane ``a`` holds channels ``32 a .. 32 a + 31`` of its tokens, i.e. its own 2 (2-bit) or 4 (4-bit) words of each
+  token in one vector load and one scale group of 32 channels, and each fp16 pair is codes ``j`` and ``j + 16 /
+  bits`` of one word, which sit 16 bits apart: one rotation serves the pair, no ``prmt``. Scale and zero are one per
+  token and lane, prepared like the values'.
 * For the values, output row ``m`` is physical channel ``16 (m % 8) + m // 8``: the lane holding row ``m % 8`` holds
   channels ``16 r .. 16 r + 15``, one 2-bit word (two 4-bit words) per token.
 * A fragment register holds two fp16 values: two adjacent channels (keys) or two tokens (values). Their two words
@@ -52,8 +59,9 @@ bf16 caches (bf16 queries, scales and zeros) run the same kernel with bf16 opera
 ``z - 2^bits s`` lost up to several bf16 steps).
 
 Scope (:func:`supports`): fp16 or bf16 queries matching the cache's scales, ``d = 128``, at most 8 query rows per KV
-head, ChannelQuant keys and TokenQuant values of 2 or 4 bits without outliers, key blocks of 16, 32, 64 or 128 tokens
-and value groups multiples of 16 up to 128. Everything else runs on :mod:`kernels.triton_attention`.
+head, keys and values of 2 or 4 bits without outliers: ChannelQuant keys in blocks of 16, 32, 64 or 128 tokens or
+TokenQuant keys in groups of 32, 64 or 128 channels, and TokenQuant values in groups of a multiple of 16 channels up
+to 128. Everything else (3-bit and other widths, outliers, d != 128) runs on :mod:`kernels.triton_attention`.
 """
 
 from __future__ import annotations
@@ -438,6 +446,103 @@ def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.conste
     return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
 
 
+@gluon.constexpr_function
+def _tok_key_layout(kper):
+    """TokenQuant key chunk ``[2 h, 8 r, NW w, HALF j, 4 a, 2 e]`` (``NW = 32 / kper`` words per lane and token,
+    ``HALF = kper / 2``): reshaped to ``[2, 8, 16, 4, 2]`` it is :data:`K5` with ``f = HALF w + j``. Lane ``a`` holds
+    channels ``32 a + kper w + j + HALF e`` (:func:`tok_key_channel`): its own words of the token, and in each word
+    the codes ``j`` and ``j + HALF``, which sit 16 bits apart (one rotation serves the pair)."""
+    half = kper // 2
+    lh = half.bit_length() - 1
+    regs = [[0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 0]]
+    regs += [[0, 0, 0, 1 << b, 0, 0] if b < lh else [0, 0, 1 << (b - lh), 0, 0, 0] for b in range(4)]
+    lanes = [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 2, 0], [0, 1, 0, 0, 0, 0], [0, 2, 0, 0, 0, 0], [0, 4, 0, 0, 0, 0]]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=[], block_bases=[],
+                                      shape=[2, 8, 32 // kper, half, 4, 2])
+
+
+@gluon.constexpr_function
+def _tok_word_layout(kper):
+    """A lane's words of its two tokens ``[2 h, 8 r, NW w, 4 a]``, words first (one vector load per token)."""
+    nw = 32 // kper
+    regs = [[0, 0, 1 << b, 0] for b in range(nw.bit_length() - 1)] + [[1, 0, 0, 0]]
+    lanes = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=[], block_bases=[],
+                                      shape=[2, 8, nw, 4])
+
+
+# a lane's scale (zero) of its two tokens [2 h, 8 r, 4 a]
+TSC: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[1, 0, 0]], lane_bases=[[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 8, 4]))
+
+
+def tok_key_channel(k: int, bits: int) -> int:
+    """Physical channel of the MMA's reduction index ``k = 8 f + 2 a + e`` for TokenQuant keys (the queries are
+    loaded in this order; :func:`_tok_key_layout`)."""
+    kper = 32 // bits
+    half = kper // 2
+    f, a, e = k // 8, (k // 2) % 4, k % 2
+    return 32 * a + kper * (f // half) + f % half + half * e
+
+
+@gluon.jit
+def _tok_channel(k, BITS: gl.constexpr):
+    """:func:`tok_key_channel` in the kernel."""
+    KPER: gl.constexpr = 32 // BITS
+    HALF: gl.constexpr = KPER // 2
+    f = k // 8
+    return 32 * ((k // 2) % 4) + KPER * (f // HALF) + f % HALF + HALF * (k % 2)
+
+
+@gluon.jit
+def _tok_key_load(k_data, k_scale, k_zero, T, k_nrows, kw_tok, kw_off, ks_tok, ks_off, KPER: gl.constexpr,
+                  K_GROUP: gl.constexpr, MASKED: gl.constexpr):
+    """A chunk's TokenQuant key words ``[2 h, 8 r, NW w, 4 a]`` (each lane its ``NW`` words of tokens ``T + 8 r + h``)
+    and their scales and zeros ``[2 h, 8 r, 4 a]`` (the lane's group)."""
+    tw = T + kw_tok
+    ts = T + ks_tok
+    wp = k_data + (tw * (128 // KPER) + kw_off)
+    sp = ts * (128 // K_GROUP) + ks_off
+    if MASKED:
+        wd = gl.load(wp, mask=tw < k_nrows, other=0)
+        sc = gl.load(k_scale + sp, mask=ts < k_nrows, other=0.0)
+        zr = gl.load(k_zero + sp, mask=ts < k_nrows, other=0.0)
+    else:
+        wd = gl.load(wp)
+        sc = gl.load(k_scale + sp)
+        zr = gl.load(k_zero + sp)
+    return wd, sc, zr
+
+
+@gluon.jit
+def _tok_kchunk(wd, sc, zr, BITS: gl.constexpr, BF16: gl.constexpr):
+    """fp16 (bf16) TokenQuant key chunk ``[16 tokens, 128 channels]`` (A operand, channels in the order of
+    :func:`tok_key_channel`) from :func:`_tok_key_load`: each pair is two codes of one word, 16 bits apart."""
+    KPER: gl.constexpr = 32 // BITS
+    HALF: gl.constexpr = KPER // 2
+    NW: gl.constexpr = 32 // KPER
+    K6: gl.constexpr = _tok_key_layout(KPER)
+    S5: gl.constexpr = gl.SliceLayout(5, K6)
+    zero6 = gl.full([2, 8, NW, HALF, 4, 2], 0, gl.int32, layout=K6)
+    x = gl.expand_dims(gl.expand_dims(gl.convert_layout(wd, gl.SliceLayout(3, S5), assert_trivial=True), 3), 5)
+    x = x + zero6
+    jj = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, S5)))))
+    sh = _rot(jj, BITS, BF16)
+    sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sh, 0), 1), 2), 4), 5) + zero6
+    sp = sc * (V_FS2 if BITS == 2 else V_FS4)  # prepared scale and bias of dequant_constants
+    if BF16:  # the magic is subtracted in _deq (exact), so the bias is the zero itself
+        bz = zr
+    else:
+        bz = zr - sp * (V_FB2 if BITS == 2 else V_FB4)
+    SL: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, S5))
+    sp = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.convert_layout(sp, SL, assert_trivial=True), 2), 3), 5)
+    bz = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.convert_layout(bz, SL, assert_trivial=True), 2), 3), 5)
+    y = _deq(x, sh, gl.broadcast(sp, x)[0], gl.broadcast(bz, x)[0], BITS, False, BF16)
+    y = gl.convert_layout(gl.reshape(y, [2, 8, 16, 4, 2]), K5, assert_trivial=True)
+    return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
 @gluon.jit
 def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VPER: gl.constexpr,
             VG: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
@@ -494,13 +599,25 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
 
 
 @gluon.jit
-def _scores(qb, klo, khi, ksc, kzr, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol,
-            s_ptr, hd, M, NMAX, COLBASE, col, LQ, K_BITS: gl.constexpr, KPER: gl.constexpr,
-            WANT_SCORES: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexpr, BF16: gl.constexpr,
+            K_TOK: gl.constexpr):
+    """Key chunk ``i`` of a half tile as the A operand: TokenQuant from the chunk's words (``wk, sk, zk``),
+    ChannelQuant from the half's merged words (``klo, khi, ksc, kzr``)."""
+    if K_TOK:
+        ka = _tok_kchunk(wk, sk, zk, K_BITS, BF16)
+    else:
+        ka = _kchunk(klo, khi, ksc, kzr, i, K_BITS, 32 // K_BITS, BF16)
+    return ka
+
+
+@gluon.jit
+def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
+            NMAX, COLBASE, col, LQ, K_BITS: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr,
+            BF16: gl.constexpr, K_TOK: gl.constexpr):
     """Scores ``S^T [16 tokens, 8 queries]`` (log2 units) of chunk ``i`` of the half tile whose chunk 0 starts at
-    ``T0`` (physical tokens ``T0 + trow + 2 i``), masked on boundary tiles; stored (natural units) when asked."""
-    ka = _kchunk(klo, khi, ksc, kzr, i, K_BITS, KPER, BF16)
-    s = mma_v2(ka, qb, zs)
+    ``T0`` (physical tokens ``T0 + trow + 2 i``), masked on boundary tiles; stored (natural units) when asked. The
+    key chunk comes from ``klo, khi, ksc, kzr`` (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`)."""
+    s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
     tok = T0 + trow + 2 * i
     if MASKED:
         see = (tok >= kbeg) & (tok < kbeg + cnt)
@@ -535,44 +652,71 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
           k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
           COLBASE, col, LQ, kw_st, ks_st, kz_st, K_BITS: gl.constexpr, K_GROUP: gl.constexpr,
           V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr,
-          STAGED: gl.constexpr, BF16: gl.constexpr):
+          STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
     ``P V``. Halves keep only half of each lane's key words in registers. With ``STAGED`` the key words come from the
     shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage; otherwise from global memory."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
-    HOFF: gl.constexpr = 8 if K_BITS == 2 else 64  # first token of half w (minus trow + 2 i): T0 + HOFF w
+    HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK) else 64  # first token of half w (minus trow + 2 i)
     WOFF: gl.constexpr = 0 if K_BITS == 2 else 64  # first token of the half's key words: T0 + WOFF w + lane run
-    if STAGED:
-        ksc = ks_st.load(K3)
-        kzr = kz_st.load(K3)
-        wd = kw_st.load(K4)
+    if K_TOK:  # TokenQuant keys: each chunk's own words and scales (kc_off / krow_w: words; ks_off / krow_l: scales)
+        T8 = T0 + HOFF * w  # the half's chunk i has physical tokens T8 + trow + 2 i
+        wk0, sk0, zk0 = _tok_key_load(k_data, k_scale2, k_zero2, T8, k_nrows, krow_w, kc_off, krow_l, ks_off, KPER,
+                                      K_GROUP, MASKED)
+        wk1, sk1, zk1 = _tok_key_load(k_data, k_scale2, k_zero2, T8 + 2, k_nrows, krow_w, kc_off, krow_l, ks_off,
+                                      KPER, K_GROUP, MASKED)
+        wk2, sk2, zk2 = _tok_key_load(k_data, k_scale2, k_zero2, T8 + 4, k_nrows, krow_w, kc_off, krow_l, ks_off,
+                                      KPER, K_GROUP, MASKED)
+        wk3, sk3, zk3 = _tok_key_load(k_data, k_scale2, k_zero2, T8 + 6, k_nrows, krow_w, kc_off, krow_l, ks_off,
+                                      KPER, K_GROUP, MASKED)
+        klo = 0
+        khi = 0
+        ksc = 0
+        kzr = 0
     else:
-        # each lane's key run lies in one key block: its scales / zeros as int32 pairs (two channels' fp16)
-        row0 = T0 + WOFF * w + krow_l
-        kbo = (row0 // K_GROUP).to(gl.int64) * 64
-        if MASKED:
-            ksc = gl.load(k_scale2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
-            kzr = gl.load(k_zero2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+        wk0 = 0
+        sk0 = 0
+        zk0 = 0
+        wk1 = 0
+        sk1 = 0
+        zk1 = 0
+        wk2 = 0
+        sk2 = 0
+        zk2 = 0
+        wk3 = 0
+        sk3 = 0
+        zk3 = 0
+        if STAGED:
+            ksc = ks_st.load(K3)
+            kzr = kz_st.load(K3)
+            wd = kw_st.load(K4)
         else:
-            ksc = gl.load(k_scale2 + kbo + ks_off)
-            kzr = gl.load(k_zero2 + kbo + ks_off)
-        wd = _key_words(k_data + kc_off, T0 + WOFF * w + krow_w, k_nrows, K_GROUP, KPER, MASKED)
-    klo, khi = _merge_key(wd, w, KPER)
-    ksc, kzr = _prep_key(ksc, kzr, K_BITS, BF16)
-    T8 = T0 + HOFF * w  # the half's chunk i has physical tokens T8 + trow + 2 i
+            # each lane's key run lies in one key block: its scales / zeros as int32 pairs (two channels' fp16)
+            row0 = T0 + WOFF * w + krow_l
+            kbo = (row0 // K_GROUP).to(gl.int64) * 64
+            if MASKED:
+                ksc = gl.load(k_scale2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+                kzr = gl.load(k_zero2 + kbo + ks_off, mask=row0 < k_nrows, other=0)
+            else:
+                ksc = gl.load(k_scale2 + kbo + ks_off)
+                kzr = gl.load(k_zero2 + kbo + ks_off)
+            wd = _key_words(k_data + kc_off, T0 + WOFF * w + krow_w, k_nrows, K_GROUP, KPER, MASKED)
+        klo, khi = _merge_key(wd, w, KPER)
+        ksc, kzr = _prep_key(ksc, kzr, K_BITS, BF16)
+        T8 = T0 + HOFF * w
     vrow0 = T8 - kbeg + vbeg
     vptr = v_data + (vrow0 * (128 // VPER) + vw_off)
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
     zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
-    s0 = _scores(qb, klo, khi, ksc, kzr, zs, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
-    s1 = _scores(qb, klo, khi, ksc, kzr, zs, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
-    s2 = _scores(qb, klo, khi, ksc, kzr, zs, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
-    s3 = _scores(qb, klo, khi, ksc, kzr, zs, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
-                 LQ, K_BITS, KPER, WANT_SCORES, MASKED, BF16)
+    s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
+                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
+    s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
+                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
+    s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
+                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
+    s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
+                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
     mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
     m_new = gl.maximum(m_i, gl.max(mx, 0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -596,7 +740,7 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
           v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow,
           qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
           K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
-          WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr):
+          WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr):
     """Half tile ``ht`` of the head (tile ``ht // 2``, half ``ht % 2``). Staged keys: at the tile's first half the
     next tile (at token ``T_next``, when ``issue_next``) is copied into the other stage, and this tile's stage ``st``
     is waited for."""
@@ -622,12 +766,12 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K, BF16)
+                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K, BF16, K_TOK)
     else:
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K, BF16)
+                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K, BF16, K_TOK)
     if STAGE_K:
         if w == 1:
             _BARRIER()  # every lane has read this stage before it is refilled
@@ -661,12 +805,12 @@ def _kivi_attn_kernel(
     SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ctr_ptr,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
-    BF16: gl.constexpr,
+    BF16: gl.constexpr, K_TOK: gl.constexpr,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
     # a lane's key run per half tile: 2 bits: one word of 16 tokens (each half uses half of it); 4 bits: one word of 8
-    RUN: gl.constexpr = 16 if K_BITS == 2 else 8
+    RUN: gl.constexpr = 16 if (K_BITS == 2 and not K_TOK) else 8  # TokenQuant keys: the 4-bit token order
     gl.static_assert(K_GROUP % 16 == 0)
     hd = gl.program_id(0)
     sp = gl.program_id(1)
@@ -681,7 +825,10 @@ def _kivi_attn_kernel(
         vbeg = gl.load(meta_ptr + nh + hd)
         cnt = gl.load(meta_ptr + 2 * nh + hd)
         col = gl.load(meta_ptr + 3 * nh + hd)
-    abeg = kbeg - kbeg % K_GROUP
+    if K_TOK:
+        abeg = kbeg
+    else:
+        abeg = kbeg - kbeg % K_GROUP  # key tiles start at a key block
     ntiles = gl.where(cnt > 0, (kbeg + cnt - abeg + 127) // 128, 0)
     tps = (ntiles + NSPLIT - 1) // NSPLIT
     t_lo = sp * tps
@@ -692,19 +839,38 @@ def _kivi_attn_kernel(
     qk = gl.arange(0, 128, layout=gl.SliceLayout(1, B_L))
     qn = gl.arange(0, 8, layout=gl.SliceLayout(0, B_L))
     qmask = gl.expand_dims(qk < 128, 1) & gl.expand_dims(qn < M, 0)
-    qv = gl.load(q_ptr + (hd * M + gl.expand_dims(qn, 0)) * 128 + gl.expand_dims(qk, 1), mask=qmask, other=0.0)
+    if K_TOK:  # the keys' channel order (tok_key_channel)
+        qc = _tok_channel(qk, K_BITS)
+    else:
+        qc = qk
+    qv = gl.load(q_ptr + (hd * M + gl.expand_dims(qn, 0)) * 128 + gl.expand_dims(qc, 1), mask=qmask, other=0.0)
     if BF16:
         qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.bfloat16)
     else:
         qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.float16)
 
     # per-element offsets, split into a lane part and a register constant (so loads use immediate offsets)
-    r, f, a, e = _idx4(K4, 8, 16, 4, 2)
-    kc_off = (2 * a) * (K_GROUP // KPER) + (8 * f + e) * (K_GROUP // KPER)  # channel offset in a key block's words
-    kr, kf, ka = _idx3(K3, 8, 16, 4)
-    ks_off = ka + 4 * kf  # channel-pair offset of the int32 scale pairs
-    krow_l = RUN * kr  # each lane's first token in the half tile's key words (plus WOFF w)
-    krow_w = RUN * r
+    if K_TOK:
+        # TokenQuant keys (_tok_key_load): words [2 h, 8 r, NW w, 4 a] of token 8 r + h, lane a's words; scales and
+        # zeros [2 h, 8 r, 4 a]: lane a's group
+        NWK: gl.constexpr = 32 // KPER
+        wh, wr, ww, wa = _idx4(_tok_word_layout(KPER), 2, 8, NWK, 4)
+        krow_w = 8 * wr + wh
+        kc_off = NWK * wa + ww
+        sh_, sr_, sa_ = _idx3(TSC, 2, 8, 4)
+        krow_l = 8 * sr_ + sh_
+        ks_off = (32 * sa_) // K_GROUP
+        k_scale2 = k_scale
+        k_zero2 = k_zero
+    else:
+        r, f, a, e = _idx4(K4, 8, 16, 4, 2)
+        kc_off = (2 * a) * (K_GROUP // KPER) + (8 * f + e) * (K_GROUP // KPER)  # channel offset in a key block's words
+        kr, kf, ka = _idx3(K3, 8, 16, 4)
+        ks_off = ka + 4 * kf  # channel-pair offset of the int32 scale pairs
+        krow_l = RUN * kr  # each lane's first token in the half tile's key words (plus WOFF w)
+        krow_w = RUN * r
+        k_scale2 = k_scale.to(gl.pointer_type(gl.int32), bitcast=True)
+        k_zero2 = k_zero.to(gl.pointer_type(gl.int32), bitcast=True)
     vr, vh, va, ve = _idx4(V4, 8, 2, 4, 2)
     vrow_off = 2 * RUN * va + (RUN * ve + vh)  # value row (minus 2 i) of each element of a chunk
     vw_off = (2 * RUN * va * (128 // VPER) + vr * (16 // VPER)) + (RUN * ve + vh) * (128 // VPER)
@@ -712,8 +878,6 @@ def _kivi_attn_kernel(
     rows = gl.arange(0, 16, layout=ROW_L)
     trow = RUN * (rows % 8) + rows // 8  # physical token (minus T8 + 2 i) of each score row of a chunk
     qcol = gl.arange(0, 8, layout=COL_L)
-    k_scale2 = k_scale.to(gl.pointer_type(gl.int32), bitcast=True)
-    k_zero2 = k_zero.to(gl.pointer_type(gl.int32), bitcast=True)
 
     m_i = gl.full([8], float("-inf"), gl.float32, layout=COL_L)
     l_i = gl.full([8], 0.0, gl.float32, layout=COL_L)
@@ -761,7 +925,7 @@ def _kivi_attn_kernel(
                                       vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows,
                                       v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol,
                                       s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
-                                      K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16)
+                                      K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK)
                 if w == 1:
                     ht = 2 * nxt
                     nxt = 2 * NSPLIT + _ticket(draw)
@@ -776,7 +940,7 @@ def _kivi_attn_kernel(
                                       k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
                                       krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
                                       col, LQ, kflat, sflat, zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS,
-                                      V_GROUP, WANT_SCORES, STAGE_K, BF16)
+                                      V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK)
                 cur = nxt
                 nxt = 2 * NSPLIT + _ticket(draw)
     else:
@@ -790,7 +954,7 @@ def _kivi_attn_kernel(
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
                                   zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K,
-                                  BF16)
+                                  BF16, K_TOK)
     has = l_i > 0
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -806,9 +970,10 @@ def pair_fits(k, v) -> bool:
     """Whether a K / V part pair (:class:`kernels.triton_tiles.PartSpec`) is in this kernel's scope."""
     from kernels.triton_tiles import CHANNEL, TOKEN
 
-    return (ENABLED and k.fmt == CHANNEL and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
+    return (ENABLED and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
             and not k.has_out and not v.has_out and k.d == 128 and v.d == 128
-            and k.group in (16, 32, 64, 128) and v.group % 16 == 0 and v.group <= 128
+            and ((k.fmt == CHANNEL and k.group in (16, 32, 64, 128)) or (k.fmt == TOKEN and k.group in (32, 64, 128)))
+            and v.group % 16 == 0 and v.group <= 128
             and (k.scale.dtype == torch.float16  # bf16: mul / sub .bf16x2 need sm_90
                  or (k.scale.dtype == torch.bfloat16 and k.scale.is_cuda and _major_cc(k.scale.device.index) >= 9))
             and all(t.dtype == k.scale.dtype and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
@@ -832,7 +997,7 @@ def disable(exc: Exception) -> None:
     """Switch this kernel off for the process (the Triton kernel takes over), saying why once."""
     global ENABLED
     ENABLED = False
-    warnings.warn(f"Gluon KIVI kernel disabled, using the Triton kernel: {type(exc).__name__}: {exc}", stacklevel=3)
+    warnings.warn(f"Gluon decode kernel disabled, using the Triton kernel: {type(exc).__name__}: {exc}", stacklevel=3)
 
 
 _RESIDENT: dict = {}
@@ -840,17 +1005,26 @@ _RESIDENT: dict = {}
 
 def _consts(plan, want_scores: bool) -> dict:
     """Compile-time and launch options of ``plan``'s kernel."""
+    tok = key_tokenquant(plan.k)
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
-                UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits),
+                UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits, tok),
                 DYNAMIC=plan.counters is not None and dynamic_enabled(),
-                BF16=plan.k.scale.dtype == torch.bfloat16,
+                BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok,
                 num_warps=1, maxnreg=MAXNREG)
 
 
-def staged(k_bits: int) -> bool:
-    """Whether key tiles are staged in shared memory: 2-bit keys (4 bits would take 32 KB per program, so 6
-    programs per SM instead of 12, measured slower)."""
-    return STAGE_K and k_bits == 2
+def key_tokenquant(kspec) -> bool:
+    """Whether a pair's keys are TokenQuant (per-token groups of channels, as QAQ stores them) rather than
+    ChannelQuant (KIVI's per-channel blocks of tokens)."""
+    from kernels.triton_tiles import TOKEN
+
+    return kspec.fmt == TOKEN
+
+
+def staged(k_bits: int, k_tok: bool = False) -> bool:
+    """Whether key tiles are staged in shared memory: 2-bit ChannelQuant keys (4 bits would take 32 KB per program,
+    so 6 programs per SM instead of 12, measured slower; TokenQuant keys load straight into registers)."""
+    return STAGE_K and k_bits == 2 and not k_tok
 
 
 def dynamic_enabled() -> bool:
@@ -860,9 +1034,9 @@ def dynamic_enabled() -> bool:
     return DYNAMIC and not torch.are_deterministic_algorithms_enabled()
 
 
-def unit_halves(k_bits: int) -> int:
+def unit_halves(k_bits: int, k_tok: bool = False) -> int:
     """Half tiles per unit of the dynamic schedule: a whole tile when keys are staged (a stage holds one tile)."""
-    return 2 if staged(k_bits) else 1
+    return 2 if staged(k_bits, k_tok) else 1
 
 
 def counters(n_heads: int, device: torch.device) -> torch.Tensor:
@@ -912,7 +1086,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
 
 
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
-                    want_scores: bool = False, dynamic: bool = True, bf16: bool = False):
+                    want_scores: bool = False, dynamic: bool = True, bf16: bool = False, k_tok: bool = False):
     """Build the kernel for an NVIDIA target without a GPU, with the runtime's options (how CI checks that it still
     compiles: the layout conversions are asserted trivial at build time). Returns the compiled kernel
     (``.asm["ptx"]``, ``["cubin"]``)."""
@@ -928,7 +1102,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig["sm_scale"] = "fp32"
     sig["ctr_ptr"] = "*i32"
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
-                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits), DYNAMIC=dynamic, BF16=bf16)
+                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok)
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names

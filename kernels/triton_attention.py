@@ -339,7 +339,7 @@ class PairPlan:
             return choose_splits(n_heads, self.max_cnt, device, 4, PACKED_PROGRAMS_PER_SM)
         tiles = max(1, math.ceil(self.max_cnt / 128))
         want = max(1, fit * _num_sms(device) // max(n_heads, 1))
-        if _gluon.dynamic_enabled() and tiles >= want * _gluon.unit_halves(self.k.bits):
+        if _gluon.dynamic_enabled() and tiles >= want * _gluon.unit_halves(self.k.bits, _gluon.key_tokenquant(self.k)):
             return min(want, 256)  # two units or more per program: the counter balances them
         per = math.ceil(tiles / min(want, tiles))
         return max(1, min(math.ceil(tiles / per), 256))
@@ -361,7 +361,7 @@ def gluon_serves(plan: PairPlan, q: torch.Tensor) -> bool:
 
 def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float,
                   lq: int):
-    if gluon_serves(plan, q):  # KIVI-like fp16 pairs: dequantized in the mma operand layout
+    if gluon_serves(plan, q):  # packed 2/4-bit pairs without outliers: dequantized in the mma operand layout
         try:
             _gluon.launch(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq)
             return

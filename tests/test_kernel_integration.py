@@ -93,10 +93,12 @@ def test_plan_cache_holds_only_live_parts(spec):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon kernel needs an NVIDIA GPU")
-@pytest.mark.parametrize("bits", [2, 4])
-def test_gluon_path_in_the_cache(bits, monkeypatch):
-    """A head-dim-128 fp16 KIVI cache decodes through the Gluon kernel (checked) with the reference path's logits
-    (fp16 tolerance), and 40 more decode steps over the growing cache do not compile it again."""
+@pytest.mark.parametrize("spec", ["kivi:bits=2,group=32,residual=32", "kivi:bits=4,group=32,residual=32",
+                                  "qaq:attention=false,bits=4,outliers=0", "qaq:attention=false,bits=2,outliers=0"])
+def test_gluon_path_in_the_cache(spec, monkeypatch):
+    """A head-dim-128 fp16 KIVI cache (ChannelQuant keys) or QAQ cache without outliers (TokenQuant keys) decodes
+    through the Gluon kernel (checked) with the reference path's logits (fp16 tolerance), and 40 more decode steps
+    over the growing cache do not compile it again."""
     from kernels import gluon_attention as ga
 
     taken = []
@@ -104,7 +106,6 @@ def test_gluon_path_in_the_cache(bits, monkeypatch):
     monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
     model = tiny_llama(8, 2, layers=2, head_dim=128).to("cuda").half()
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(9)).to("cuda")
-    spec = f"kivi:bits={bits},group=32,residual=32"
     out = {}
     for backend in ("reference", "triton"):
         set_backend(backend)

@@ -405,19 +405,25 @@ def test_launch_config_by_pair_kind():
 
 
 @gpu_only
-@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr,amp,dtype", [
-    (2, 2, 32, 32, 4, 1, False, True, 0, 1, F16), (4, 4, 32, 32, 8, 1, True, False, 0, 1, F16),
-    (2, 4, 64, 16, 1, 1, False, False, 0, 1, F16), (4, 2, 128, 128, 4, 2, True, True, 3, 1, F16),
-    (2, 2, 32, 64, 8, 4, False, True, 5, 1, F16), (2, 2, 32, 32, 4, 1, True, False, 0, 1e-4, F16),
-    (4, 4, 64, 32, 4, 1, False, False, 0, 4e-4, F16), (2, 2, 32, 32, 4, 1, False, True, 0, 1, BF16),
-    (4, 4, 64, 32, 8, 1, True, False, 0, 1, BF16), (4, 2, 128, 128, 4, 2, False, True, 3, 1e-4, BF16)])
-def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch):
+@pytest.mark.parametrize("kf,kbits,vbits,kg,vg,M,lq,uniform,want,newr,amp,dtype", [
+    ("C", 2, 2, 32, 32, 4, 1, False, True, 0, 1, F16), ("C", 4, 4, 32, 32, 8, 1, True, False, 0, 1, F16),
+    ("C", 2, 4, 64, 16, 1, 1, False, False, 0, 1, F16), ("C", 4, 2, 128, 128, 4, 2, True, True, 3, 1, F16),
+    ("C", 2, 2, 32, 64, 8, 4, False, True, 5, 1, F16), ("C", 2, 2, 32, 32, 4, 1, True, False, 0, 1e-4, F16),
+    ("C", 4, 4, 64, 32, 4, 1, False, False, 0, 4e-4, F16), ("C", 2, 2, 32, 32, 4, 1, False, True, 0, 1, BF16),
+    ("C", 4, 4, 64, 32, 8, 1, True, False, 0, 1, BF16), ("C", 4, 2, 128, 128, 4, 2, False, True, 3, 1e-4, BF16),
+    # TokenQuant keys (QAQ's format): kg is the keys' channel group
+    ("T", 2, 2, 32, 32, 4, 1, False, True, 0, 1, F16), ("T", 4, 4, 128, 128, 8, 1, True, False, 0, 1, F16),
+    ("T", 2, 4, 64, 16, 1, 1, False, False, 0, 1, F16), ("T", 4, 2, 32, 128, 4, 2, False, True, 3, 1, F16),
+    ("T", 2, 2, 128, 32, 8, 4, True, True, 5, 1e-4, F16), ("T", 4, 4, 32, 32, 4, 1, False, False, 0, 4e-4, F16),
+    ("T", 2, 4, 128, 64, 8, 1, False, True, 0, 1, BF16), ("T", 4, 2, 64, 32, 4, 2, True, False, 3, 1e-4, BF16)])
+def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch):
     """The Gluon kernel for KIVI-like fp16 pairs (taken: checked) against float64: ragged heads starting and ending
     mid-block or sharing one range, many splits, scores, causal new rows (``newr`` rows seen by query token i only up
     to row i); ``amp`` scales K and V (and 1 / (2 amp) the queries): 1e-4 for 2 bits and 4e-4 for 4 bits put the
     median quantization scale near 2^-12, the smallest for which the prepared scale ``s / 4`` is a normal fp16 (session
     5's ``s 2^(bits - 10)`` was a subnormal with few bits left there). bf16 caches run the same kernel with bf16
-    operands (exponent range of fp32: 1e-4 is only another scale)."""
+    operands (exponent range of fp32: 1e-4 is only another scale). Keys are ChannelQuant (KIVI, ``kf`` "C") or
+    TokenQuant (QAQ, "T", groups of ``kg`` channels)."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -425,7 +431,7 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
     taken = []
     launch = ga.launch
     monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
-    g = _gen(100 * kbits + 10 * vbits + kg + vg + M)
+    g = _gen(100 * kbits + 10 * vbits + kg + vg + M + (1000 if kf == "T" else 0))
     H, d = 6, 128
     if uniform:
         counts = (kg * 20,) * H
@@ -435,7 +441,7 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
         starts = [int(torch.randint(0, c, (1,), generator=g)) for c in counts]
         cnts = [int(torch.randint(0, c - s + 1, (1,), generator=g)) for c, s in zip(counts, starts, strict=True)]
         cnts[0] = counts[0] - starts[0]
-    k_part = _make("C", counts, d, kbits, kg, dtype, g, 0)
+    k_part = _make(kf, counts, d, kbits, kg, dtype, g, 0)
     v_part = _make("T", counts, d, vbits, vg, dtype, g, 0)
     for part in (k_part, v_part):
         part.scale.mul_(amp)
@@ -471,8 +477,8 @@ def test_gluon_kivi_matches_float64(kbits, vbits, kg, vg, M, lq, uniform, want, 
 
 
 @gpu_only
-@pytest.mark.parametrize("kbits", [2, 4])
-def test_gluon_dynamic_schedule(kbits, monkeypatch):
+@pytest.mark.parametrize("kf,kbits", [("C", 2), ("C", 4), ("T", 2)])
+def test_gluon_dynamic_schedule(kf, kbits, monkeypatch):
     """The Gluon kernel's dynamic schedule (programs draw units from a per-head counter): with 1 to 24 programs per
     head over up to 180 units, ragged heads (one empty, one of a single token), every unit is done exactly once (the
     output matches float64 and the static schedule), the counters are back at zero after every launch (also across
@@ -486,7 +492,7 @@ def test_gluon_dynamic_schedule(kbits, monkeypatch):
     H, d, M = 5, 128, 4
     counts = (90 * 128, 32 * 7, 64, 128 * 40 + 32, 32 * 3)
     starts, cnts = [5, 0, 0, 17, 1], [90 * 128 - 5, 32 * 7, 0, 128 * 40, 1]
-    k_part = _make("C", counts, d, kbits, 32, torch.float16, g, 0)
+    k_part = _make(kf, counts, d, kbits, 32, torch.float16, g, 0)
     v_part = _make("T", counts, d, kbits, 32, torch.float16, g, 0)
     ko = dispatch._offsets(counts)
     q = _randn(H, M, d, g=g, dtype=torch.float16)
@@ -535,14 +541,18 @@ def test_gluon_dynamic_schedule(kbits, monkeypatch):
 _BUILD = """
 import sys
 from kernels import gluon_attention as ga
-bf16, dynamic = sys.argv[4] == "1", sys.argv[5] == "1"
+bf16, dynamic, tok = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] == "1"
 ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), 32, 32, want_scores=sys.argv[3] == "1",
-                         bf16=bf16, dynamic=dynamic).asm["ptx"]
+                         bf16=bf16, dynamic=dynamic, k_tok=tok).asm["ptx"]
 t = "bf16" if bf16 else "f16"
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32",
-        f"fma.rn.{t}x2", f"mul.rn.{t}x2", "prmt.b32", "shf.l.wrap.b32")  # rotations
-if sys.argv[1] == "2":
+        f"fma.rn.{t}x2", "prmt.b32", "shf.l.wrap.b32")  # rotations
+if not tok:
+    need += (f"mul.rn.{t}x2",)  # ChannelQuant key scale pairs prepared in the kernel
+if sys.argv[1] == "2" and not tok:
     need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
+if tok:  # a lane's words of a TokenQuant key in one load
+    need += ("ld.global.v2.b32" if sys.argv[1] == "2" else "ld.global.v4.b32",)
 if sys.argv[2] == "4":
     need += ("ld.global.v2.b32",)  # a token's two 4-bit value words per lane in one load
 if bf16:
@@ -555,10 +565,11 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
 """
 
 
-@pytest.mark.parametrize("kbits,vbits,want,bf16,dynamic", [
-    (2, 2, False, False, True), (4, 2, True, False, True), (2, 4, False, False, False), (4, 4, False, True, True),
-    (2, 2, True, True, False)])
-def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic):
+@pytest.mark.parametrize("kbits,vbits,want,bf16,dynamic,tok", [
+    (2, 2, False, False, True, False), (4, 2, True, False, True, False), (2, 4, False, False, False, False),
+    (4, 4, False, True, True, False), (2, 2, True, True, False, False), (2, 4, True, False, True, True),
+    (4, 2, False, True, False, True)])
+def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
     and pair-dequantization instructions it is built around, and no fp16 tile stored to shared memory."""
@@ -568,7 +579,8 @@ def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic):
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [str(kbits), str(vbits), "1" if want else "0", "1" if bf16 else "0", "1" if dynamic else "0"]
+    args = [str(kbits), str(vbits), "1" if want else "0", "1" if bf16 else "0", "1" if dynamic else "0",
+            "1" if tok else "0"]
     r = subprocess.run([sys.executable, "-c", _BUILD, *args], cwd=root, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -740,6 +752,27 @@ def test_gluon_key_staging_layouts(kg):
         assert len({mwhere[(r, f, a)] % 32 for r in range(8) for a in range(4)}) == 32
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gluon_tokenquant_key_channels(bits):
+    """The channel order of TokenQuant keys in the Gluon kernel (the queries are loaded in it): a permutation of the
+    128 channels; lane ``a`` (``k // 2 % 4``) holds only its own 32 channels (one 32-channel scale group); and the two
+    halves of each fp16 pair (``k``, ``k + 1``) are codes ``j`` and ``j + HALF`` of one word, which sit 16 bits
+    apart, so that one rotation by ``rotation(j)`` brings both to their half's top mantissa bits."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    per = 32 // bits
+    ch = [ga.tok_key_channel(k, bits) for k in range(128)]
+    assert sorted(ch) == list(range(128))
+    for k in range(0, 128, 2):
+        lo, hi = ch[k], ch[k + 1]
+        assert lo // 32 == hi // 32 == (k // 2) % 4
+        assert lo // per == hi // per and (hi % per) * bits - (lo % per) * bits == 16
+        rot = ga.rotation(lo % per, bits)
+        for pos, top in ((lo % per) * bits, 10), ((hi % per) * bits, 26):
+            assert (pos + rot) % 32 == top - bits
+
+
 def test_gluon_failure_falls_back_to_triton(monkeypatch):
     """A Triton release that cannot build the Gluon kernel: the first launch warns, switches it off for the process
     and the Triton kernel answers (correctly) instead."""
@@ -760,6 +793,6 @@ def test_gluon_failure_falls_back_to_triton(monkeypatch):
     q = _randn(2, 4, d, g=g, dtype=torch.float16)
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [3, 0], [60, 96])
     plan = dispatch.make_plan(k_part, v_part, [3, 0], [60, 96], DEV)
-    with pytest.warns(UserWarning, match="Gluon KIVI kernel disabled.*no such layout"):
+    with pytest.warns(UserWarning, match="Gluon decode kernel disabled.*no such layout"):
         out, _ = ta.attend_pairs(q, [plan], d ** -0.5)
     assert not ga.ENABLED and relerr(out, o64) < TOL[torch.float16]
