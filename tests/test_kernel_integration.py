@@ -98,8 +98,8 @@ def test_plan_cache_holds_only_live_parts(spec):
                                   "mikv:lo_bits=2,budget=0.5", "mikv:lo_bits=4,budget=0.25,hi_bits=8"])
 def test_gluon_path_in_the_cache(spec, monkeypatch):
     """A head-dim-128 fp16 KIVI cache (ChannelQuant keys), QAQ cache without outliers or MiKV cache (TokenQuant keys:
-    its low-precision tokens) decodes through the Gluon kernel (checked) with the reference path's logits (fp16 tolerance), and 40 more decode steps
-    over the growing cache do not compile it again."""
+    its low-precision tokens) decodes through the Gluon kernel (checked) with the reference path's logits (fp16
+    tolerance), and 40 more decode steps over the growing cache do not compile it again."""
     from kernels import gluon_attention as ga
 
     taken = []
