@@ -82,8 +82,8 @@ ENABLED = os.environ.get("KV_GLUON", "1") == "1"
 PROGRAMS_PER_SM = int(os.environ.get("KV_GLUON_PROGRAMS_PER_SM", 0))
 # register cap per thread: 168 lets 3 one-warp programs share each scheduler (12 per SM); 0 removes the cap
 MAXNREG = int(os.environ.get("KV_GLUON_MAXNREG", 168)) or None
-# 2-bit keys: stage each tile's key words and scales in shared memory with cp.async one tile ahead (0: load them
-# per half tile)
+# 2-bit ChannelQuant keys: stage each tile's key words and scales in shared memory with cp.async one tile ahead
+# (0: load them per half tile)
 STAGE_K = os.environ.get("KV_GLUON_STAGE", "1") == "1"
 # units of work (half tiles; tiles for staged keys) taken from a per-head counter, so that programs that run slower
 # do fewer, instead of equal static ranges (0: static ranges)
@@ -654,8 +654,9 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
           V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr,
           STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
-    ``P V``. Halves keep only half of each lane's key words in registers. With ``STAGED`` the key words come from the
-    shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage; otherwise from global memory."""
+    ``P V``. ChannelQuant halves keep only half of each lane's key words in registers; with ``STAGED`` the key words
+    come from the shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage, otherwise from global
+    memory. TokenQuant keys (``K_TOK``) load each chunk's own words, scales and zeros (:func:`_tok_key_load`)."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
     HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK) else 64  # first token of half w (minus trow + 2 i)
@@ -971,6 +972,7 @@ def pair_fits(k, v) -> bool:
     from kernels.triton_tiles import CHANNEL, TOKEN
 
     return (ENABLED and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
+            and k.data.dtype == torch.int32 and v.data.dtype == torch.int32
             and not k.has_out and not v.has_out and k.d == 128 and v.d == 128
             and ((k.fmt == CHANNEL and k.group in (16, 32, 64, 128)) or (k.fmt == TOKEN and k.group in (32, 64, 128)))
             and v.group % 16 == 0 and v.group <= 128
@@ -978,7 +980,8 @@ def pair_fits(k, v) -> bool:
                  or (k.scale.dtype == torch.bfloat16 and k.scale.is_cuda and _major_cc(k.scale.device.index) >= 9))
             and all(t.dtype == k.scale.dtype and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
             and all(t.is_contiguous() for t in (k.data, k.scale, k.zero, v.data, v.scale, v.zero))
-            and k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0)
+            # ChannelQuant scale / zero pairs are read as int32 words
+            and (k.fmt != CHANNEL or (k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0)))
 
 
 @functools.cache

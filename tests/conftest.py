@@ -25,3 +25,16 @@ def embedded():
     from harness.models import load
 
     return load(None, "cpu", "float32")
+
+
+@pytest.fixture
+def gluon_strict(monkeypatch):
+    """The Gluon kernel module with its fallback switched off: a kernel that fails to build or launch raises (and
+    fails the test) instead of quietly handing the plan to the Triton kernel."""
+    ga = pytest.importorskip("kernels.gluon_attention", reason="this Triton has no Gluon")
+
+    def _raise(exc: Exception) -> None:
+        raise exc
+
+    monkeypatch.setattr(ga, "disable", _raise)
+    return ga

@@ -416,14 +416,15 @@ def test_launch_config_by_pair_kind():
     ("T", 2, 4, 64, 16, 1, 1, False, False, 0, 1, F16), ("T", 4, 2, 32, 128, 4, 2, False, True, 3, 1, F16),
     ("T", 2, 2, 128, 32, 8, 4, True, True, 5, 1e-4, F16), ("T", 4, 4, 32, 32, 4, 1, False, False, 0, 4e-4, F16),
     ("T", 2, 4, 128, 64, 8, 1, False, True, 0, 1, BF16), ("T", 4, 2, 64, 32, 4, 2, True, False, 3, 1e-4, BF16)])
-def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch):
-    """The Gluon kernel for KIVI-like fp16 pairs (taken: checked) against float64: ragged heads starting and ending
-    mid-block or sharing one range, many splits, scores, causal new rows (``newr`` rows seen by query token i only up
-    to row i); ``amp`` scales K and V (and 1 / (2 amp) the queries): 1e-4 for 2 bits and 4e-4 for 4 bits put the
-    median quantization scale near 2^-12, the smallest for which the prepared scale ``s / 4`` is a normal fp16 (session
-    5's ``s 2^(bits - 10)`` was a subnormal with few bits left there). bf16 caches run the same kernel with bf16
-    operands (exponent range of fp32: 1e-4 is only another scale). Keys are ChannelQuant (KIVI, ``kf`` "C") or
-    TokenQuant (QAQ, "T", groups of ``kg`` channels)."""
+def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch,
+                                    gluon_strict):
+    """The Gluon kernel for packed 2/4-bit pairs (taken and not switched off: checked) against float64: ragged heads
+    starting and ending mid-block or sharing one range, many splits, scores, causal new rows (``newr`` rows seen by
+    query token i only up to row i); ``amp`` scales K and V (and 1 / (2 amp) the queries): 1e-4 for 2 bits and 4e-4
+    for 4 bits put the median quantization scale near 2^-12, the smallest for which the prepared scale ``s / 4`` is
+    a normal fp16 (session 5's ``s 2^(bits - 10)`` was a subnormal with few bits left there). bf16 caches run the
+    same kernel with bf16 operands (exponent range of fp32: 1e-4 is only another scale). Keys are ChannelQuant
+    (KIVI, ``kf`` "C") or TokenQuant (QAQ, "T", groups of ``kg`` channels)."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -477,8 +478,28 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
 
 
 @gpu_only
+def test_gluon_scope_of_tokenquant_keys():
+    """Which TokenQuant-key pairs the Gluon kernel takes: keys and values of 2 or 4 bits, key groups of 32, 64 or 128
+    channels, no outliers; group 16, 0/3/8-bit keys, 3-bit values and outliers in either part stay on Triton."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_tiles import PartSpec
+
+    g = _gen(5)
+    counts, d = (64, 32), 128
+
+    def fits(kb, kg, k_out=0, vb=2, v_out=0):
+        k = _make("T", counts, d, kb, kg, torch.float16, g, k_out)
+        v = _make("T", counts, d, vb, 32, torch.float16, g, v_out)
+        return ga.pair_fits(PartSpec(k, dispatch.outlier_csr(k)), PartSpec(v, dispatch.outlier_csr(v)))
+
+    assert all(fits(kb, kg, vb=vb) for kb in (2, 4) for vb in (2, 4) for kg in (32, 64, 128))
+    assert not any([fits(2, 16), fits(0, 32), fits(3, 32), fits(8, 32), fits(2, 32, vb=3), fits(2, 128, k_out=10),
+                    fits(4, 128, v_out=10)])
+
+
+@gpu_only
 @pytest.mark.parametrize("kf,kbits", [("C", 2), ("C", 4), ("T", 2)])
-def test_gluon_dynamic_schedule(kf, kbits, monkeypatch):
+def test_gluon_dynamic_schedule(kf, kbits, monkeypatch, gluon_strict):
     """The Gluon kernel's dynamic schedule (programs draw units from a per-head counter): with 1 to 24 programs per
     head over up to 180 units, ragged heads (one empty, one of a single token), every unit is done exactly once (the
     output matches float64 and the static schedule), the counters are back at zero after every launch (also across
@@ -542,7 +563,7 @@ _BUILD = """
 import sys
 from kernels import gluon_attention as ga
 bf16, dynamic, tok = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] == "1"
-ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), 32, 32, want_scores=sys.argv[3] == "1",
+ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7]), 32, want_scores=sys.argv[3] == "1",
                          bf16=bf16, dynamic=dynamic, k_tok=tok).asm["ptx"]
 t = "bf16" if bf16 else "f16"
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32",
@@ -565,11 +586,11 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
 """
 
 
-@pytest.mark.parametrize("kbits,vbits,want,bf16,dynamic,tok", [
-    (2, 2, False, False, True, False), (4, 2, True, False, True, False), (2, 4, False, False, False, False),
-    (4, 4, False, True, True, False), (2, 2, True, True, False, False), (2, 4, True, False, True, True),
-    (4, 2, False, True, False, True)])
-def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok):
+@pytest.mark.parametrize("kbits,vbits,want,bf16,dynamic,tok,kg", [
+    (2, 2, False, False, True, False, 32), (4, 2, True, False, True, False, 32), (2, 4, False, False, False, False, 32),
+    (4, 4, False, True, True, False, 32), (2, 2, True, True, False, False, 32), (2, 2, True, False, True, True, 32),
+    (4, 2, False, True, False, True, 128)])
+def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
     and pair-dequantization instructions it is built around, and no fp16 tile stored to shared memory."""
@@ -580,7 +601,7 @@ def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [str(kbits), str(vbits), "1" if want else "0", "1" if bf16 else "0", "1" if dynamic else "0",
-            "1" if tok else "0"]
+            "1" if tok else "0", str(kg)]
     r = subprocess.run([sys.executable, "-c", _BUILD, *args], cwd=root, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -771,6 +792,25 @@ def test_gluon_tokenquant_key_channels(bits):
         rot = ga.rotation(lo % per, bits)
         for pos, top in ((lo % per) * bits, 10), ((hi % per) * bits, 26):
             assert (pos + rot) % 32 == top - bits
+    # the kernel's layout agrees: every register / lane of the 6-D key layout is the A fragment's element (h, r, f, a,
+    # e) of K5 with f = HALF w + j, and the code it dequantizes (word NW a + w of the token, code j + HALF e) is the
+    # channel the queries are loaded at for that reduction index
+    half, nw = per // 2, 32 // per
+    k6, k5 = ga._tok_key_layout(per), ga.K5.value if hasattr(ga.K5, "value") else ga.K5
+
+    def coords(layout, reg, lane, n):
+        c = [0] * n
+        for bases, idx in ((layout.reg_bases, reg), (layout.lane_bases, lane)):
+            for b, base in enumerate(bases):
+                if idx >> b & 1:
+                    c = [x ^ y for x, y in zip(c, base, strict=True)]
+        return c
+
+    for reg in range(1 << len(k6.reg_bases)):
+        for lane in range(32):
+            h, r, w, j, a, e = coords(k6, reg, lane, 6)
+            assert coords(k5, reg, lane, 5) == [h, r, half * w + j, a, e]
+            assert ga.tok_key_channel(8 * (half * w + j) + 2 * a + e, bits) == per * (nw * a + w) + j + half * e
 
 
 def test_gluon_failure_falls_back_to_triton(monkeypatch):
