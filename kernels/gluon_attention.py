@@ -530,7 +530,9 @@ def _tok_kchunk(wd, sc, zr, BITS: gl.constexpr, BF16: gl.constexpr):
     jj = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, S5)))))
     sh = _rot(jj, BITS, BF16)
     sh = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(sh, 0), 1), 2), 4), 5) + zero6
-    sp = sc * (V_FS2 if BITS == 2 else V_FS4)  # prepared scale and bias of dequant_constants
+    # prepared scale and bias of dequant_constants, as _vchunk's (written twice: a shared helper left the PTX
+    # instructions as they were but changed ptxas's schedule of the bf16 4-bit KIVI kernel, 161 -> 154 registers)
+    sp = sc * (V_FS2 if BITS == 2 else V_FS4)
     if BF16:  # the magic is subtracted in _deq (exact), so the bias is the zero itself
         bz = zr
     else:
@@ -1037,9 +1039,10 @@ def dynamic_enabled() -> bool:
     return DYNAMIC and not torch.are_deterministic_algorithms_enabled()
 
 
-def unit_halves(k_bits: int, k_tok: bool = False) -> int:
-    """Half tiles per unit of the dynamic schedule: a whole tile when keys are staged (a stage holds one tile)."""
-    return 2 if staged(k_bits, k_tok) else 1
+def unit_halves(kspec) -> int:
+    """Half tiles per unit of the dynamic schedule for keys ``kspec``: a whole tile when they are staged (a stage
+    holds one tile)."""
+    return 2 if staged(kspec.bits, key_tokenquant(kspec)) else 1
 
 
 def counters(n_heads: int, device: torch.device) -> torch.Tensor:

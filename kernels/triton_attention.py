@@ -339,7 +339,7 @@ class PairPlan:
             return choose_splits(n_heads, self.max_cnt, device, 4, PACKED_PROGRAMS_PER_SM)
         tiles = max(1, math.ceil(self.max_cnt / 128))
         want = max(1, fit * _num_sms(device) // max(n_heads, 1))
-        if _gluon.dynamic_enabled() and tiles >= want * _gluon.unit_halves(self.k.bits, _gluon.key_tokenquant(self.k)):
+        if _gluon.dynamic_enabled() and tiles >= want * _gluon.unit_halves(self.k):
             return min(want, 256)  # two units or more per program: the counter balances them
         per = math.ceil(tiles / min(want, tiles))
         return max(1, min(math.ceil(tiles / per), 256))
