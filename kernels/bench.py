@@ -5,7 +5,8 @@
 Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
 and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V) and QAQ's
-format at one width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row); then bf16
+format at one width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row) and with
+QAQ's default outliers (``qaq-Nbit-rows+out``: each row's smallest and largest element kept exact); then bf16
 SDPA and KIVI 4-bit / 2-bit quantized from the same K/V in bf16 (their speed-ups are against bf16 SDPA). Times are
 medians of CUDA-event timings; bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
@@ -63,6 +64,16 @@ def token_part(x: torch.Tensor, counts, bits: int, group: int, outlier_frac: flo
     return p
 
 
+def with_row_extremes(p, x: torch.Tensor):
+    """``p`` with each row's smallest and largest element as exact outliers (QAQ's rule at its default ratio 0.01
+    for 128 channels: ``x <= kth(1)`` or ``x > kth(127)``; the codes stay those of the whole row)."""
+    d = x.shape[1]
+    rows = torch.arange(x.shape[0], device=x.device) * d
+    idx = torch.stack([rows + x.argmin(1), rows + x.argmax(1)], 1).reshape(-1).to(torch.int32)
+    p.out_idx, p.out_val = idx, x.reshape(-1)[idx.long()].clone()
+    return p
+
+
 def channel_part(x: torch.Tensor, counts, bits: int, group: int):
     from kernels import triton_quant as tq
 
@@ -70,11 +81,19 @@ def channel_part(x: torch.Tensor, counts, bits: int, group: int):
     return SimpleNamespace(words=words, scale=scale, zero=zero, nbits=bits, group=group, counts=tuple(counts))
 
 
-def part_bytes(p) -> int:
+def part_bytes(p, spec=None) -> int:
+    """Bytes of a part's tensors that a decode step reads: codes, scales, zeros and its outliers, as stored (int32
+    index + value) or, where the Gluon kernel serves the part (``spec`` given), as the fixed slots it reads instead
+    (4 bytes per slot; gluon_attention.outlier_slots, built once per part and kept beside the stored pairs)."""
     if hasattr(p, "x"):
         return _nbytes(p.x)
-    return _nbytes(p.words, p.scale if p.nbits else None, p.zero, getattr(p, "out_idx", None),
-                   getattr(p, "out_val", None))
+    ell = None
+    if spec is not None:
+        from kernels.gluon_attention import outlier_slots
+
+        ell = outlier_slots(spec)
+    outl = (ell,) if ell is not None else (getattr(p, "out_idx", None), getattr(p, "out_val", None))
+    return _nbytes(p.words, p.scale if p.nbits else None, p.zero, *outl)
 
 
 def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
@@ -99,6 +118,9 @@ def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
     cases["qaq-mix-2/3/4bit+1%"] = pairs
     for bits in (4, 2):  # QAQ's format at one width: TokenQuant K and V, a scale and zero per row, no outliers
         cases[f"qaq-{bits}bit-rows"] = [(token_part(k, counts, bits, d), token_part(v, counts, bits, d), counts)]
+    for bits in (4, 2):  # ... and with QAQ's default outliers (each row's extremes, 2 of 128 channels)
+        cases[f"qaq-{bits}bit-rows+out"] = [(with_row_extremes(token_part(k, counts, bits, d), k),
+                                             with_row_extremes(token_part(v, counts, bits, d), v), counts)]
     return {"k": k, "v": v, "cases": cases}
 
 
@@ -184,9 +206,11 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
 
     def add_pairs(method, pairs, qq, base=None):
         plans = plans_for(pairs, q.device)
-        nbytes = sum(part_bytes(kp) + part_bytes(vp) for kp, vp, _ in pairs) + _nbytes(qq)
-        add(method, _times(lambda: attend_pairs(qq, plans, scale)), nbytes,
-            "gluon" if all(gluon_serves(p, qq) for p in plans) else "triton", base)
+        served = [gluon_serves(p, qq) for p in plans]
+        nbytes = sum(part_bytes(kp, pl.k if g else None) + part_bytes(vp, pl.v if g else None)
+                     for (kp, vp, _), pl, g in zip(pairs, plans, served, strict=True)) + _nbytes(qq)
+        add(method, _times(lambda: attend_pairs(qq, plans, scale)), nbytes, "gluon" if all(served) else "triton",
+            base)
 
     times = _times(lambda: F.scaled_dot_product_attention(q, k4, v4, scale=scale, enable_gqa=True))
     add("sdpa-fp16", times, fp16_bytes)

@@ -58,15 +58,24 @@ bf16 caches (bf16 queries, scales and zeros) run the same kernel with bf16 opera
 ``code s + z`` is rounded once (4 instructions per pair; with only 8 mantissa bits the fp16 form's bias
 ``z - 2^bits s`` lost up to several bf16 steps).
 
+Sparse outliers (QAQ keeps each row's extremes exact; TokenQuant keys and values, at most 4 per row): each part's
+outliers are laid out once as fixed slots per row (:func:`outlier_slots`). A key outlier adds ``q'[m, c] delta`` to
+its token's scores, which the lane holding the score row computes from the scaled queries kept in shared memory. A
+value outlier adds ``delta p[t, m]`` to output channel ``c``, which another lane holds: the products go in fixed
+point (int32, :func:`outlier_fix`) to a shared buffer by native integer atomics, and the buffer is added to the
+accumulator at the end of each half tile (section "sparse outliers" below).
+
 Scope (:func:`supports`): fp16 or bf16 queries matching the cache's scales, ``d = 128``, at most 8 query rows per KV
-head, keys and values of 2 or 4 bits without outliers: ChannelQuant keys in blocks of 16, 32, 64 or 128 tokens or
+head, keys and values of 2 or 4 bits: ChannelQuant keys in blocks of 16, 32, 64 or 128 tokens (no outliers) or
 TokenQuant keys in groups of 32, 64 or 128 channels, and TokenQuant values in groups of a multiple of 16 channels up
-to 128. Everything else (3-bit and other widths, outliers, d != 128) runs on :mod:`kernels.triton_attention`.
+to 128; with TokenQuant keys, up to 4 outliers per row in either part. Everything else (3-bit and other widths, more
+outliers per row, d != 128) runs on :mod:`kernels.triton_attention`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 import warnings
@@ -208,6 +217,17 @@ GRAB: gl.constexpr = gl.constexpr("\n".join([
     "{", ".reg .pred p;", ".reg .b32 l;", "mov.u32 l, %laneid;", "setp.eq.u32 p, l, 0;", "mov.u32 $0, 0;",
     "@p atom.global.inc.u32 $0, [$1], $2;", "}"]))
 TICKET: gl.constexpr = gl.constexpr("shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;")
+# value outliers: each product delta * p, in fixed point (times the part's 2^k, rounded to int32), is added to the
+# correction buffer in shared memory by a native integer atomic (float atomics on shared memory are compare-and-swap
+# loops on sm_90: measured 1.6x slower in all); zero products (padding query columns, masked tokens, empty slots)
+# are skipped. SMEM_BASE is the address of the kernel's shared memory, where the outlier buffer is the only
+# allocation (checked at build: _check_smem)
+RED_OUT: gl.constexpr = gl.constexpr("\n".join([
+    "{", ".reg .pred p;", ".reg .s32 t;", "setp.ne.f32 p, $2, 0f00000000;", "cvt.rni.s32.f32 t, $2;",
+    "@p red.shared.add.s32 [$1], t;", "mov.b32 $0, 0;", "}"]))
+SMEM_BASE: gl.constexpr = gl.constexpr("mov.b32 $0, global_smem;")
+# a query pair (two consecutive registers of _slot_layout, adjacent in shared memory) in one load
+LDS_F32X2: gl.constexpr = gl.constexpr("ld.shared.v2.f32 {$0, $1}, [$2];")
 
 
 # ---- shared-memory staging of key tiles (cp.async one tile ahead) ------------------------------------------------
@@ -600,6 +620,78 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
     return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
 
+# ---- sparse outliers (QAQ keeps each row's extremes exact) ----------------------------------------------------------
+# Each row's outliers come as S fixed slots (outlier_slots: channel << 16 | the 16 bits of value - dequantized code,
+# empty slots 0). Key outliers change a token's scores: the lane holding score row t adds sum_j q[m, c_j] delta_j for
+# its queries (q gathered from global memory, where it stays in L1). Value outliers add delta_j p[t, m] at output
+# channel c_j, which another lane holds: the products go to a [128, 8] float32 buffer in shared memory by atomic adds
+# and the buffer is added to the accumulator (and cleared) at the end of each half tile, where both use the same
+# running max.
+@gluon.constexpr_function
+def _slot_layout(slots):
+    """``[16 tokens, 8 queries, S slots]``: the accumulator layout of a chunk's scores, each lane holding the S
+    slots of its tokens in registers (contiguous: one vector load per token), a query pair in consecutive ones."""
+    sb = [[0, 0, 1 << i] for i in range(max(int(slots), 1).bit_length() - 1)]
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1, 0]] + sb + [[8, 0, 0]], lane_bases=[[0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        warp_bases=[], block_bases=[], shape=[16, 8, slots])
+
+
+@gluon.jit
+def _slots(ell, row, nrows, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """Outlier slots of the 16 rows ``row`` (a chunk's score rows): the byte offsets of their channels' rows in the
+    ``[128, 8]`` buffers ``[16, 1, S]`` (int32) and their deltas ``[16, 1, S]`` (float32) in :func:`_slot_layout`."""
+    L3: gl.constexpr = _slot_layout(S)
+    LE: gl.constexpr = gl.SliceLayout(1, L3)
+    r = gl.convert_layout(row, gl.SliceLayout(1, LE), assert_trivial=True)
+    j = gl.arange(0, S, layout=gl.SliceLayout(0, LE))
+    ptr = ell + (gl.expand_dims(r * S, 1) + gl.expand_dims(j, 0))
+    if MASKED:
+        ok = gl.expand_dims((r >= 0) & (r < nrows), 1) & gl.expand_dims(j < S, 0)
+        ew = gl.load(ptr, mask=ok, other=0)
+    else:
+        ew = gl.load(ptr)
+    off = (ew >> 16) & 0xFFFF
+    lo = (ew & 0xFFFF).to(gl.int16)
+    if BF16:
+        dl = lo.to(gl.bfloat16, bitcast=True).to(gl.float32)
+    else:
+        dl = lo.to(gl.float16, bitcast=True).to(gl.float32)
+    return gl.expand_dims(off, 1), gl.expand_dims(dl, 1)
+
+
+@gluon.jit
+def _qcol3(S: gl.constexpr):
+    """Query columns ``[1, 8, 1]`` in :func:`_slot_layout`."""
+    L3: gl.constexpr = _slot_layout(S)
+    c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+    return gl.expand_dims(gl.expand_dims(c, 0), 2)
+
+
+@gluon.jit
+def _k_out(s, k_ell, tok, k_nrows, qbase, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """Scores ``s [16, 8]`` (log2 units) plus the key outliers' terms ``sum_j q'[m, c_j] delta_j`` of each token
+    row, with the scaled queries ``q'`` read from shared memory at ``qbase`` (``[128 channels, 8 queries]``)."""
+    off, dl = _slots(k_ell, tok, k_nrows, S, MASKED, BF16)
+    qv = gl.inline_asm_elementwise(LDS_F32X2, "=f,=f,r,r", [(qbase + off) + _qcol3(S) * 4], dtype=gl.float32,
+                                   is_pure=True, pack=2)
+    corr = gl.sum(qv * dl, axis=2)
+    return s + gl.convert_layout(corr, MMA, assert_trivial=True)
+
+
+@gluon.jit
+def _v_out(cbase, p, v_ell, vrow, v_nrows, v_fix, M, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """Add ``delta_j p[t, m]`` of each value outlier of the chunk's tokens (rows ``vrow``), in fixed point (times
+    ``v_fix``), to the shared correction buffer at its output row (the accumulator's row of channel ``c``:
+    ``8 (c % 16) + c // 16``) and query ``m < M``."""
+    L3: gl.constexpr = _slot_layout(S)
+    off, dl = _slots(v_ell, vrow, v_nrows, S, MASKED, BF16)
+    pm = gl.where(gl.expand_dims(gl.arange(0, 8, layout=COL_L), 0) < M, p, 0.0)
+    val = gl.expand_dims(gl.convert_layout(pm, gl.SliceLayout(2, L3), assert_trivial=True), 2) * (dl * v_fix)
+    addr = (cbase + off) + _qcol3(S) * 4
+    gl.inline_asm_elementwise(RED_OUT, "=r,r,f", [addr, val], dtype=gl.int32, is_pure=False, pack=1)
+
+
 @gluon.jit
 def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexpr, BF16: gl.constexpr,
             K_TOK: gl.constexpr):
@@ -614,13 +706,16 @@ def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexp
 
 @gluon.jit
 def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-            NMAX, COLBASE, col, LQ, K_BITS: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr,
-            BF16: gl.constexpr, K_TOK: gl.constexpr):
+            NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS: gl.constexpr, WANT_SCORES: gl.constexpr,
+            MASKED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr):
     """Scores ``S^T [16 tokens, 8 queries]`` (log2 units) of chunk ``i`` of the half tile whose chunk 0 starts at
     ``T0`` (physical tokens ``T0 + trow + 2 i``), masked on boundary tiles; stored (natural units) when asked. The
-    key chunk comes from ``klo, khi, ksc, kzr`` (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`)."""
+    key chunk comes from ``klo, khi, ksc, kzr`` (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`);
+    ``K_OUT`` slots of key outliers per row (:func:`_k_out`)."""
     s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
     tok = T0 + trow + 2 * i
+    if K_OUT > 0:
+        s = _k_out(s, k_ell, tok, k_nrows, cbase + 4096, K_OUT, MASKED, BF16)
     if MASKED:
         see = (tok >= kbeg) & (tok < kbeg + cnt)
         see2 = gl.expand_dims(see, 1) & (gl.expand_dims(tok - new0, 1) <= gl.expand_dims(qcol % LQ, 0))
@@ -652,13 +747,16 @@ def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_B
 @gluon.jit
 def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
           k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
-          COLBASE, col, LQ, kw_st, ks_st, kz_st, K_BITS: gl.constexpr, K_GROUP: gl.constexpr,
-          V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, MASKED: gl.constexpr,
-          STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr):
+          COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS: gl.constexpr,
+          K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr,
+          MASKED: gl.constexpr, STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
+          V_OUT: gl.constexpr):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
     ``P V``. ChannelQuant halves keep only half of each lane's key words in registers; with ``STAGED`` the key words
     come from the shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage, otherwise from global
-    memory. TokenQuant keys (``K_TOK``) load each chunk's own words, scales and zeros (:func:`_tok_key_load`)."""
+    memory. TokenQuant keys (``K_TOK``) load each chunk's own words, scales and zeros (:func:`_tok_key_load`).
+    Outliers (``K_OUT`` / ``V_OUT`` slots per row): :func:`_k_out`, :func:`_v_out`; the value corrections of the half
+    are added from the shared buffer ``cbuf`` (at address ``cbase``) at its end."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
     HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK) else 64  # first token of half w (minus trow + 2 i)
@@ -713,13 +811,13 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
     zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
     s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
+                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
     s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
+                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
     s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
+                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
     s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK)
+                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
     mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
     m_new = gl.maximum(m_i, gl.max(mx, 0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -730,20 +828,31 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     p1 = gl.exp2(s1 - ms)
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
+    if V_OUT > 0:  # before the value tiles: their registers and these do not overlap
+        _v_out(cbase, p0, v_ell, vrow0 + trow, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
+        _v_out(cbase, p1, v_ell, vrow0 + trow + 2, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
+        _v_out(cbase, p2, v_ell, vrow0 + trow + 4, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
+        _v_out(cbase, p3, v_ell, vrow0 + trow + 6, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
     acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED, BF16)
     acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED, BF16)
     acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED, BF16)
     acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED, BF16)
     l_i = l_i * alpha + gl.sum((p0 + p1) + (p2 + p3), 0)
+    if V_OUT > 0:  # this half's value corrections, at the same running max as acc
+        _BARRIER()
+        acc = acc + cbuf.load(MMA).to(gl.float32) * (1.0 / v_fix)
+        cbuf.store(gl.zeros([128, 8], gl.int32, layout=MMA))
+        _BARRIER()
     return acc, m_new, l_i
 
 
 @gluon.jit
 def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
           v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow,
-          qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
-          K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
-          WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr):
+          qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell, v_fix,
+          cbase, cbuf, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
+          V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr,
+          K_TOK: gl.constexpr, K_OUT: gl.constexpr, V_OUT: gl.constexpr):
     """Half tile ``ht`` of the head (tile ``ht // 2``, half ``ht % 2``). Staged keys: at the tile's first half the
     next tile (at token ``T_next``, when ``issue_next``) is copied into the other stage, and this tile's stage ``st``
     is waited for."""
@@ -769,12 +878,14 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, STAGE_K, BF16, K_TOK)
+                              kz_st, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                              WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
     else:
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, STAGE_K, BF16, K_TOK)
+                              kz_st, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                              WANT_SCORES, True, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
     if STAGE_K:
         if w == 1:
             _BARRIER()  # every lane has read this stage before it is refilled
@@ -805,10 +916,10 @@ _SIZES = ["KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", 
 def _kivi_attn_kernel(
     q_ptr, out_ptr, lse_ptr, s_ptr, k_data, k_scale, k_zero, v_data, v_scale, v_zero,
     meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
-    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ctr_ptr,
+    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ctr_ptr, k_ell, v_ell, v_fix,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
-    BF16: gl.constexpr, K_TOK: gl.constexpr,
+    BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS
@@ -847,10 +958,31 @@ def _kivi_attn_kernel(
     else:
         qc = qk
     qv = gl.load(q_ptr + (hd * M + gl.expand_dims(qn, 0)) * 128 + gl.expand_dims(qc, 1), mask=qmask, other=0.0)
+    qscale = sm_scale * 1.4426950408889634
     if BF16:
-        qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.bfloat16)
+        qb = (qv.to(gl.float32) * qscale).to(gl.bfloat16)
     else:
-        qb = (qv.to(gl.float32) * (sm_scale * 1.4426950408889634)).to(gl.float16)
+        qb = (qv.to(gl.float32) * qscale).to(gl.float16)
+    if K_OUT + V_OUT > 0:
+        # rows 0-127: value outliers' corrections of a half tile ([128 accumulator rows, 8 queries] int32 fixed
+        # point, zeroed); rows 128-255: the scaled queries q' (float32 bits, also in accumulator-row order) for the
+        # key outliers. The kernel's only shared memory: its address is the shared window's base (_check_smem)
+        gl.static_assert(K_TOK and not STAGE_K)
+        obuf = gl.allocate_shared_memory(gl.int32, [256, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        cbuf = obuf.slice(0, 128)
+        cbuf.store(gl.zeros([128, 8], gl.int32, layout=MMA))
+        QT: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [1, 1], [1, 0])
+        tc = gl.arange(0, 128, layout=gl.SliceLayout(1, QT))
+        tm = gl.arange(0, 8, layout=gl.SliceLayout(0, QT))
+        tch = 16 * (tc % 8) + tc // 8  # row R holds channel 16 (R % 8) + R // 8 (out_row's inverse)
+        qt = gl.load(q_ptr + (hd * M + gl.expand_dims(tm, 0)) * 128 + gl.expand_dims(tch, 1),
+                     mask=gl.expand_dims(tch < 128, 1) & gl.expand_dims(tm < M, 0), other=0.0)
+        obuf.slice(128, 128).store((qt.to(gl.float32) * qscale).to(gl.int32, bitcast=True))
+        cbase = gl.inline_asm_elementwise(SMEM_BASE, "=r,r", [sp], dtype=gl.int32, is_pure=True, pack=1)
+        _BARRIER()
+    else:
+        cbuf = 0
+        cbase = 0
 
     # per-element offsets, split into a lane part and a register constant (so loads use immediate offsets)
     if K_TOK:
@@ -928,7 +1060,8 @@ def _kivi_attn_kernel(
                                       vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows,
                                       v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol,
                                       s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
-                                      K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK)
+                                      k_ell, v_ell, v_fix, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                                      WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
                 if w == 1:
                     ht = 2 * nxt
                     nxt = 2 * NSPLIT + _ticket(draw)
@@ -942,8 +1075,9 @@ def _kivi_attn_kernel(
                 acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, cur, 0, False, 0, abeg, kbeg, vbeg, cnt, new0, k_data,
                                       k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
                                       krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
-                                      col, LQ, kflat, sflat, zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS,
-                                      V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK)
+                                      col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell, v_fix, cbase,
+                                      cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK,
+                                      K_OUT, V_OUT)
                 cur = nxt
                 nxt = 2 * NSPLIT + _ticket(draw)
     else:
@@ -956,8 +1090,8 @@ def _kivi_attn_kernel(
                                   abeg + (ht // 2 + 1) * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
-                                  zflat, kread, sread, zread, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K,
-                                  BF16, K_TOK)
+                                  zflat, kread, sread, zread, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS,
+                                  K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
     has = l_i > 0
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -969,13 +1103,80 @@ def _kivi_attn_kernel(
     gl.store(lse_ptr + orow, lse, mask=qcol < M)
 
 
+MAX_SLOTS = 4  # outlier slots per row the kernel takes (QAQ's default keeps 2 per row of 128 channels)
+
+
+def outlier_slots(spec) -> torch.Tensor | None:
+    """A TokenQuant part's outliers as ``S`` fixed slots per row (``[rows, S]`` int32, ``S`` = 1, 2 or 4, the most
+    any row has rounded up): the byte offset of the channel's row in the kernel's ``[128, 8]`` float32 buffers
+    (``32 out_row(channel)``) in the high 16 bits, the 16 bits of ``value - dequantized code`` in the cache dtype (the
+    CSR's delta, rounded once) in the low ones; empty slots 0. ``None`` without outliers or when a row has more than
+    :data:`MAX_SLOTS`. Built once per outlier tensor from the part's CSR and cached on the part, like the CSR."""
+    if not spec.has_out or spec.odelta is None:
+        return None
+    return _slot_cache(spec)[0]
+
+
+def outlier_fix(spec) -> float:
+    """The fixed-point factor ``2^k`` of a part's value-outlier products in the kernel's int32 correction buffer:
+    ``k = 24 - ceil(log2 max |delta|)``, so one product ``|delta p| 2^k`` (``p <= 1``) stays below ``2^24`` and a half
+    tile's sum per output element (at most 64 tokens, one outlier per channel each) below ``2^30``; the rounding of
+    each product is at most ``2^-25 max |delta|`` (1.0 without outliers)."""
+    return _slot_cache(spec)[1]
+
+
+def out_row(c: int):
+    """The accumulator row ``O^T [128, 8]`` that holds output channel ``c`` (the value chunk's channel order, module
+    docstring): ``8 (c % 16) + c // 16``; works on int tensors too."""
+    return 8 * (c % 16) + c // 16
+
+
+def _slot_cache(spec) -> tuple:
+    """(slots, fixed-point factor) of a part, built once per outlier tensor and cached on the part."""
+    if not spec.has_out or spec.odelta is None:
+        return None, 1.0
+    part = spec.part
+    cached = getattr(part, "_gluon_slots", None)
+    if cached is not None and cached[0] is spec.oidx:
+        return cached[1]
+    sidx, ptr = spec.oidx.long(), spec.optr.long()
+    most = int((ptr[1:] - ptr[:-1]).max())
+    ell, fix = None, 1.0
+    if most <= MAX_SLOTS:
+        S = 1 if most <= 1 else (2 if most <= 2 else 4)
+        row, ch = sidx // spec.d, sidx % spec.d
+        pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
+        delta = spec.odelta.to(spec.scale.dtype)
+        bits = delta.view(torch.int16).to(torch.int32) & 0xFFFF
+        ell = torch.zeros(spec.nrows * S, dtype=torch.int32, device=sidx.device)
+        ell[row * S + pos] = ((out_row(ch).to(torch.int32) * 32) << 16) | bits
+        ell = ell.view(spec.nrows, S)
+        most_abs = float(delta.float().abs().max())
+        if most_abs > 0:
+            fix = 2.0 ** min(24 - math.ceil(math.log2(most_abs)), 100)
+    try:
+        object.__setattr__(part, "_gluon_slots", (spec.oidx, (ell, fix)))
+    except (AttributeError, TypeError):
+        pass
+    return ell, fix
+
+
+def _slots_of(spec) -> int:
+    """Outlier slots per row of a part (0: none)."""
+    ell = outlier_slots(spec)
+    return 0 if ell is None else ell.shape[1]
+
+
 def pair_fits(k, v) -> bool:
     """Whether a K / V part pair (:class:`kernels.triton_tiles.PartSpec`) is in this kernel's scope."""
     from kernels.triton_tiles import CHANNEL, TOKEN
 
+    # outliers: TokenQuant keys and values with at most MAX_SLOTS per row (the value corrections' shared buffer needs
+    # the unstaged kernel, which TokenQuant keys get)
+    outliers_ok = all(not sp.has_out or (k.fmt == TOKEN and outlier_slots(sp) is not None) for sp in (k, v))
     return (ENABLED and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
             and k.data.dtype == torch.int32 and v.data.dtype == torch.int32
-            and not k.has_out and not v.has_out and k.d == 128 and v.d == 128
+            and outliers_ok and k.d == 128 and v.d == 128
             and ((k.fmt == CHANNEL and k.group in (16, 32, 64, 128)) or (k.fmt == TOKEN and k.group in (32, 64, 128)))
             and v.group % 16 == 0 and v.group <= 128
             and (k.scale.dtype == torch.float16  # bf16: mul / sub .bf16x2 need sm_90
@@ -1014,8 +1215,8 @@ def _consts(plan, want_scores: bool) -> dict:
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits, tok),
                 DYNAMIC=plan.counters is not None and dynamic_enabled(),
-                BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok,
-                num_warps=1, maxnreg=MAXNREG)
+                BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok, K_OUT=_slots_of(plan.k),
+                V_OUT=_slots_of(plan.v), num_warps=1, maxnreg=MAXNREG)
 
 
 def key_tokenquant(kspec) -> bool:
@@ -1065,7 +1266,8 @@ def resident_programs(plan) -> int:
         kern = _kivi_attn_kernel.warmup(
             plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, i64, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
-            2, 2, 1.0, torch.int32, grid=(1,), **_consts(plan, False))
+            2, 2, 1.0, torch.int32, torch.int32, torch.int32, 1.0, grid=(1,), **_consts(plan, False))
+        _check_smem(kern, _slots_of(plan.k) + _slots_of(plan.v) > 0)
         kern._init_handles()
         regs = max(int(kern.n_regs), 1)
         # each of the 4 schedulers of an SM owns a quarter of the register file (16K): a warp needs
@@ -1087,12 +1289,31 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
         plan.v.data, plan.v.scale, plan.v.zero,
         plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
         scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
-        plan.counters if plan.counters is not None else plan.k.data, **_consts(plan, want),
+        plan.counters if plan.counters is not None else plan.k.data, _ell_arg(plan.k), _ell_arg(plan.v),
+        outlier_fix(plan.v), **_consts(plan, want),
     )
 
 
+def _ell_arg(spec) -> torch.Tensor:
+    """A part's outlier slots, or any int32 tensor when it has none (not read)."""
+    ell = outlier_slots(spec)
+    return spec.data if ell is None else ell
+
+
+def _check_smem(kern, v_out: bool) -> None:
+    """With value outliers the correction buffer must be the kernel's only shared memory (so at offset 0: the kernel
+    addresses it from the shared window's base): one allocation, and the kernel's shared memory is its 4 KB."""
+    if not v_out:
+        return
+    allocs = kern.asm["ttgir"].count("ttg.local_alloc")
+    if allocs != 1 or int(kern.metadata.shared) != 2 * 128 * 8 * 4:
+        raise RuntimeError(f"outlier buffers: expected one 8192-byte shared allocation, got {allocs} "
+                           f"allocation(s), {kern.metadata.shared} bytes")
+
+
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
-                    want_scores: bool = False, dynamic: bool = True, bf16: bool = False, k_tok: bool = False):
+                    want_scores: bool = False, dynamic: bool = True, bf16: bool = False, k_tok: bool = False,
+                    k_out: int = 0, v_out: int = 0):
     """Build the kernel for an NVIDIA target without a GPU, with the runtime's options (how CI checks that it still
     compiles: the layout conversions are asserted trivial at build time). Returns the compiled kernel
     (``.asm["ptx"]``, ``["cubin"]``)."""
@@ -1106,12 +1327,15 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig.update({n: "i32" for n in ("KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX",
                                    "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
     sig["sm_scale"] = "fp32"
-    sig["ctr_ptr"] = "*i32"
+    sig.update(ctr_ptr="*i32", k_ell="*i32", v_ell="*i32", v_fix="fp32")
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
-                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok)
+                 WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,
+                 K_OUT=k_out, V_OUT=v_out)
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
     src = GluonASTSource(_kivi_attn_kernel, sig, const, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1, maxnreg=MAXNREG))
+    kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=1, maxnreg=MAXNREG))
+    _check_smem(kern, k_out + v_out > 0)
+    return kern

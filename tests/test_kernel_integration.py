@@ -95,11 +95,13 @@ def test_plan_cache_holds_only_live_parts(spec):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon kernel needs an NVIDIA GPU")
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group=32,residual=32", "kivi:bits=4,group=32,residual=32",
                                   "qaq:attention=false,bits=4,outliers=0", "qaq:attention=false,bits=2,outliers=0",
+                                  "qaq:attention=false,bits=4", "qaq:attention=false,bits=2",
                                   "mikv:lo_bits=2,budget=0.5", "mikv:lo_bits=4,budget=0.25,hi_bits=8"])
 def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
-    """A head-dim-128 fp16 KIVI cache (ChannelQuant keys), QAQ cache without outliers or MiKV cache (TokenQuant keys:
-    its low-precision tokens) decodes through the Gluon kernel (checked) with the reference path's logits (fp16
-    tolerance), and 40 more decode steps over the growing cache do not compile it again."""
+    """A head-dim-128 fp16 KIVI cache (ChannelQuant keys), QAQ cache with or without its outliers (each row's
+    extremes at the default ratio) or MiKV cache (TokenQuant keys: its low-precision tokens) decodes through the
+    Gluon kernel (checked) with the reference path's logits (fp16 tolerance), and 40 more decode steps over the
+    growing cache do not compile it again."""
     from kernels import gluon_attention as ga
 
     taken = []

@@ -6,6 +6,7 @@ is imported), on small shapes. With CUDA the same tests compile for the GPU, plu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 
@@ -477,10 +478,127 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
         assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[dtype]
 
 
+def _row_outliers(part, per_row, g):
+    """Give a TokenQuant part ``per_row[i]`` outliers in row ``i`` (distinct random channels, values of scale 8, as
+    QAQ keeps each row's extremes)."""
+    n, d = part.words.shape[0], int(part.d)
+    idx = [r * d + int(c) for r in range(n) for c in torch.randperm(d, generator=g)[:int(per_row[r])]]
+    part.out_idx = torch.tensor(idx, dtype=torch.int32).to(DEV)
+    part.out_val = _randn(len(idx), g=g, dtype=part.scale.dtype, scale=8.0)
+    return part
+
+
+def test_outlier_slots_hand_case():
+    """The fixed-slot form of a part's outliers (what the Gluon kernel reads): row i's outliers in slots 0 .. in
+    channel order, the byte offset of the channel's accumulator row << 16 | the fp16 bits of value - dequantized
+    code; empty slots 0; S rounded up to 1, 2, 4; more than 4 in a row: none; the fixed-point factor 2^(24 - ceil
+    log2 max |delta|)."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_tiles import PartSpec
+
+    cpu = torch.device("cpu")
+    codes = torch.tensor([[0, 1, 2, 3] * 32, [3, 2, 1, 0] * 32, [1] * 128])
+    scale = torch.tensor([[0.5], [0.25], [1.0]], dtype=torch.float16)
+    zero = torch.tensor([[-1.0], [2.0], [0.0]], dtype=torch.float16)
+    part = TokenQuant(ref.pack(codes, 2), scale, zero, 2, 128, 128, (3,))
+    part.out_idx = torch.tensor([128 + 7, 5, 128 + 2, 128 + 100], dtype=torch.int32)  # row 0: ch 5; row 1: 2, 7, 100
+    part.out_val = torch.tensor([10.0, -3.0, 4.5, 0.25], dtype=torch.float16)
+    ell = ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part)))
+    assert ell.shape == (3, 4) and ell.device == cpu
+
+    def slot(ch, delta):  # the channel's accumulator row 8 (c % 16) + c // 16, as a byte offset (x 32)
+        return ((8 * (ch % 16) + ch // 16) * 32 << 16) | int(torch.tensor(delta, dtype=torch.float16).view(
+            torch.int16)) & 0xFFFF
+
+    # row 0 ch 5: code 1 -> -1 + 0.5 = -0.5, delta -2.5; row 1 ch 2 / 7 / 100: codes 1, 0, 3 -> 2.25, 2.0, 2.75
+    want = [[slot(5, -2.5), 0, 0, 0], [slot(2, 4.5 - 2.25), slot(7, 10.0 - 2.0), slot(100, 0.25 - 2.75), 0],
+            [0, 0, 0, 0]]
+    assert ell.tolist() == [[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in want]
+    assert ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part))) is ell  # cached on the part
+    assert ga.outlier_fix(PartSpec(part, dispatch.outlier_csr(part))) == 2.0 ** (24 - 3)  # max |delta| 8 = 2^3
+    assert [ga.out_row(c) for c in (0, 1, 15, 16, 127)] == [0, 8, 120, 1, 127]
+    g = _gen(3)
+    two = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [2, 0, 1, 2, 2], g)
+    assert ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two))).shape == (5, 2)
+    five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 0, 0], g)
+    assert ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five))) is None
+
+
+@gpu_only
+@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr,k_most,v_most,dtype", [
+    (4, 4, 128, 128, 8, 1, True, False, 0, 2, 2, F16), (2, 2, 128, 128, 4, 1, False, True, 0, 2, 2, F16),
+    (4, 2, 32, 32, 8, 2, False, True, 3, 1, 4, F16), (2, 4, 64, 16, 1, 1, True, False, 0, 3, 0, F16),
+    (4, 4, 128, 32, 4, 4, False, True, 5, 0, 2, F16), (2, 2, 32, 128, 8, 1, False, False, 0, 4, 1, F16),
+    (4, 4, 128, 128, 8, 1, False, True, 0, 2, 2, BF16), (2, 4, 64, 32, 4, 2, True, False, 3, 4, 3, BF16)])
+def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, k_most, v_most, dtype,
+                                      monkeypatch, gluon_strict):
+    """TokenQuant pairs with sparse outliers (up to ``k_most`` / ``v_most`` per row, rows with none among them:
+    QAQ keeps each row's 2 extremes at its default ratio) on the Gluon kernel against float64: the key outliers'
+    score terms and the value outliers' output terms, ragged heads, scores, causal new rows."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    taken = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
+    g = _gen(7 * kbits + 5 * vbits + kg + vg + M + 11 * k_most + 13 * v_most)
+    H, d = 6, 128
+    if uniform:
+        counts = (600,) * H
+        starts, cnts = [35] * H, [600 - 35 - 9] * H
+    else:
+        counts = tuple(int(c) for c in torch.randint(1, 2000, (H,), generator=g))
+        starts = [int(torch.randint(0, c, (1,), generator=g)) for c in counts]
+        cnts = [int(torch.randint(0, c - s + 1, (1,), generator=g)) for c, s in zip(counts, starts, strict=True)]
+        cnts[0] = counts[0] - starts[0]
+    n = sum(counts)
+    k_part = _make("T", counts, d, kbits, kg, dtype, g, 0)
+    v_part = _make("T", counts, d, vbits, vg, dtype, g, 0)
+    for part, most in ((k_part, k_most), (v_part, v_most)):
+        if most:
+            _row_outliers(part, torch.randint(0, most + 1, (n,), generator=g), g)
+    kspec, vspec = PartSpec(k_part, dispatch.outlier_csr(k_part)), PartSpec(v_part, dispatch.outlier_csr(v_part))
+    assert ga.pair_fits(kspec, vspec)
+    ko, vo = dispatch._offsets(counts), dispatch._offsets(counts)
+    plan = PairPlan(kspec, vspec, [ko[h] + starts[h] for h in range(H)], [vo[h] + starts[h] for h in range(H)], cnts,
+                    nsplit=7, newr=newr, device=DEV)
+    q = _randn(H, M, d, g=g, dtype=dtype)
+    o64, l64, s64 = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
+    if newr:  # query token i (m % lq) sees new row j (of the last newr) only if j <= i
+        nmax = max(cnts)
+        col = torch.arange(nmax, device=DEV)
+        seen = torch.stack([(col - (c - newr))[None, :] <= (torch.arange(M, device=DEV) % lq)[:, None]
+                            for c in cnts])
+        s64 = s64.masked_fill(~seen, float("-inf"))
+        l64 = torch.logsumexp(s64, -1)
+        vf = dispatch.dequant_reference(v_part).double()
+        vp = torch.zeros(H, nmax, d, dtype=torch.float64, device=DEV)
+        for h in range(H):
+            vp[h, :cnts[h]] = vf[vo[h] + starts[h]:vo[h] + starts[h] + cnts[h]]
+        o64 = torch.matmul(torch.exp(s64 - torch.where(torch.isfinite(l64), l64, 0).unsqueeze(-1)), vp)
+    scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
+    out, lse = attend_pairs(q, [plan], d ** -0.5, scores, lq)
+    assert taken, "the Gluon kernel was not used"
+    fin = torch.isfinite(l64)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert relerr(out[fin], o64[fin]) < TOL[dtype]
+    assert float((lse[fin].double() - l64[fin]).abs().max()) < 1e-1
+    if want:
+        sfin = torch.isfinite(s64)
+        assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[dtype]
+    # the outliers matter: without them the output is off by more than the tolerance
+    bare_k, bare_v = (dataclasses.replace(p, out_idx=None, out_val=None) for p in (k_part, v_part))
+    o_bare, _, _ = _ref64(q, bare_k, bare_v, d ** -0.5, starts, cnts)
+    if not newr:
+        assert relerr(o_bare[fin], o64[fin]) > 3 * TOL[dtype]
+
+
 @gpu_only
 def test_gluon_scope_of_tokenquant_keys():
     """Which TokenQuant-key pairs the Gluon kernel takes: keys and values of 2 or 4 bits, key groups of 32, 64 or 128
-    channels, no outliers; group 16, 0/3/8-bit keys, 3-bit values and outliers in either part stay on Triton."""
+    channels, at most 4 outliers per row; group 16, 0/3/8-bit keys, 3-bit values and more outliers in a row stay on
+    Triton."""
     from kernels import gluon_attention as ga
     from kernels.triton_tiles import PartSpec
 
@@ -493,8 +611,9 @@ def test_gluon_scope_of_tokenquant_keys():
         return ga.pair_fits(PartSpec(k, dispatch.outlier_csr(k)), PartSpec(v, dispatch.outlier_csr(v)))
 
     assert all(fits(kb, kg, vb=vb) for kb in (2, 4) for vb in (2, 4) for kg in (32, 64, 128))
-    assert not any([fits(2, 16), fits(0, 32), fits(3, 32), fits(8, 32), fits(2, 32, vb=3), fits(2, 128, k_out=10),
-                    fits(4, 128, v_out=10)])
+    assert fits(2, 128, k_out=10) and fits(4, 128, v_out=10)  # a few per row
+    assert not any([fits(2, 16), fits(0, 32), fits(3, 32), fits(8, 32), fits(2, 32, vb=3), fits(2, 128, k_out=3000),
+                    fits(4, 128, v_out=3000)])
 
 
 @gpu_only
@@ -562,9 +681,9 @@ def test_gluon_dynamic_schedule(kf, kbits, monkeypatch, gluon_strict):
 _BUILD = """
 import sys
 from kernels import gluon_attention as ga
-bf16, dynamic, tok = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] == "1"
+bf16, dynamic, tok, out = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] == "1", int(sys.argv[8])
 ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7]), 32, want_scores=sys.argv[3] == "1",
-                         bf16=bf16, dynamic=dynamic, k_tok=tok).asm["ptx"]
+                         bf16=bf16, dynamic=dynamic, k_tok=tok, k_out=out, v_out=out).asm["ptx"]
 t = "bf16" if bf16 else "f16"
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32",
         f"fma.rn.{t}x2", "prmt.b32", "shf.l.wrap.b32")  # rotations
@@ -582,18 +701,23 @@ if dynamic:
     need += ("atom.global.inc.u32", "shfl.sync.idx.b32")  # the dynamic schedule's counter draws
 elif "atom.global" in ptx:
     need += ("no atomics in the static schedule",)
+if out:  # outliers: q' pairs read from shared memory, value products added there by integer atomics
+    need += ("ld.shared.v2.f32", "red.shared.add.s32", "cvt.rni.s32.f32", "mov.b32 %r", "global_smem")
 print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in ptx)
 """
 
 
-@pytest.mark.parametrize("kbits,vbits,want,bf16,dynamic,tok,kg", [
-    (2, 2, False, False, True, False, 32), (4, 2, True, False, True, False, 32), (2, 4, False, False, False, False, 32),
-    (4, 4, False, True, True, False, 32), (2, 2, True, True, False, False, 32), (2, 2, True, False, True, True, 32),
-    (4, 2, False, True, False, True, 128)])
-def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg):
+@pytest.mark.parametrize("kbits,vbits,want,bf16,dynamic,tok,kg,out", [
+    (2, 2, False, False, True, False, 32, 0), (4, 2, True, False, True, False, 32, 0),
+    (2, 4, False, False, False, False, 32, 0), (4, 4, False, True, True, False, 32, 0),
+    (2, 2, True, True, False, False, 32, 0), (2, 2, True, False, True, True, 32, 0),
+    (4, 2, False, True, False, True, 128, 0), (4, 4, False, False, True, True, 128, 2),
+    (2, 4, True, True, False, True, 64, 4)])
+def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg, out):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
-    and pair-dequantization instructions it is built around, and no fp16 tile stored to shared memory."""
+    and pair-dequantization instructions it is built around, and no fp16 tile stored to shared memory (with
+    ``out`` outlier slots per row: only its outlier buffer, checked to be the kernel's one shared allocation)."""
     import subprocess
     import sys
 
@@ -601,11 +725,11 @@ def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = [str(kbits), str(vbits), "1" if want else "0", "1" if bf16 else "0", "1" if dynamic else "0",
-            "1" if tok else "0", str(kg)]
+            "1" if tok else "0", str(kg), str(out)]
     r = subprocess.run([sys.executable, "-c", _BUILD, *args], cwd=root, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "missing: [] shared: False" in r.stdout, r.stdout
+    assert f"missing: [] shared: {bool(out)}" in r.stdout, r.stdout
 
 
 def _pair_dequant_error(bits: int, magic: int, fs: float, fb: float, s: float, z: float) -> float:
