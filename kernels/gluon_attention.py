@@ -1107,8 +1107,8 @@ MAX_SLOTS = 4  # outlier slots per row the kernel takes (QAQ's default keeps 2 p
 
 
 def outlier_slots(spec) -> torch.Tensor | None:
-    """A TokenQuant part's outliers as ``S`` fixed slots per row (``[rows, S]`` int32, ``S`` = 1, 2 or 4, the most
-    any row has rounded up): the byte offset of the channel's row in the kernel's ``[128, 8]`` float32 buffers
+    """A TokenQuant part's outliers as ``S`` fixed slots per row (``[rows, S]`` int32, ``S`` = 2 or 4, the most any
+    row has rounded up): the byte offset of the channel's row in the kernel's ``[128, 8]`` float32 buffers
     (``32 out_row(channel)``) in the high 16 bits, the 16 bits of ``value - dequantized code`` in the cache dtype (the
     CSR's delta, rounded once) in the low ones; empty slots 0. ``None`` without outliers or when a row has more than
     :data:`MAX_SLOTS`. Built once per outlier tensor from the part's CSR and cached on the part, like the CSR."""
@@ -1133,7 +1133,7 @@ def out_row(c: int):
 
 def _slot_cache(spec) -> tuple:
     """(slots, fixed-point factor) of a part, built once per outlier tensor and cached on the part."""
-    if not spec.has_out or spec.odelta is None:
+    if not spec.has_out or spec.odelta is None or spec.scale.dtype not in (torch.float16, torch.bfloat16):
         return None, 1.0
     part = spec.part
     cached = getattr(part, "_gluon_slots", None)
@@ -1143,7 +1143,7 @@ def _slot_cache(spec) -> tuple:
     most = int((ptr[1:] - ptr[:-1]).max())
     ell, fix = None, 1.0
     if most <= MAX_SLOTS:
-        S = 1 if most <= 1 else (2 if most <= 2 else 4)
+        S = 2 if most <= 2 else 4  # two kernel variants (a third for one slot would buy 4 bytes per row, rarely)
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
         delta = spec.odelta.to(spec.scale.dtype)
@@ -1172,11 +1172,9 @@ def pair_fits(k, v) -> bool:
     from kernels.triton_tiles import CHANNEL, TOKEN
 
     # outliers: TokenQuant keys and values with at most MAX_SLOTS per row (the value corrections' shared buffer needs
-    # the unstaged kernel, which TokenQuant keys get)
-    outliers_ok = all(not sp.has_out or (k.fmt == TOKEN and outlier_slots(sp) is not None) for sp in (k, v))
+    # the unstaged kernel, which TokenQuant keys get); looked at last (it builds the slots)
     return (ENABLED and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
-            and k.data.dtype == torch.int32 and v.data.dtype == torch.int32
-            and outliers_ok and k.d == 128 and v.d == 128
+            and k.data.dtype == torch.int32 and v.data.dtype == torch.int32 and k.d == 128 and v.d == 128
             and ((k.fmt == CHANNEL and k.group in (16, 32, 64, 128)) or (k.fmt == TOKEN and k.group in (32, 64, 128)))
             and v.group % 16 == 0 and v.group <= 128
             and (k.scale.dtype == torch.float16  # bf16: mul / sub .bf16x2 need sm_90
@@ -1184,7 +1182,8 @@ def pair_fits(k, v) -> bool:
             and all(t.dtype == k.scale.dtype and t.is_cuda for t in (k.scale, k.zero, v.scale, v.zero))
             and all(t.is_contiguous() for t in (k.data, k.scale, k.zero, v.data, v.scale, v.zero))
             # ChannelQuant scale / zero pairs are read as int32 words
-            and (k.fmt != CHANNEL or (k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0)))
+            and (k.fmt != CHANNEL or (k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0))
+            and all(not sp.has_out or (k.fmt == TOKEN and outlier_slots(sp) is not None) for sp in (k, v)))
 
 
 @functools.cache
