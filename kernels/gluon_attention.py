@@ -1261,10 +1261,12 @@ def resident_programs(plan) -> int:
         return PROGRAMS_PER_SM
     key = tuple(_consts(plan, False).items())  # the kernel that launches
     if key not in _RESIDENT:
-        i64 = torch.int64
+        # the argument types of launch(): uniform plans pass the float32 lse buffer for the unused meta pointer (a
+        # different type here compiled a second kernel just to count its registers)
+        meta = torch.int64 if plan.meta is not None else torch.float32
         kern = _kivi_attn_kernel.warmup(
             plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
-            plan.v.data, plan.v.scale, plan.v.zero, i64, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
+            plan.v.data, plan.v.scale, plan.v.zero, meta, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
             2, 2, 1.0, torch.int32, torch.int32, torch.int32, 1.0, grid=(1,), **_consts(plan, False))
         _check_smem(kern, _slots_of(plan.k) + _slots_of(plan.v) > 0)
         kern._init_handles()
