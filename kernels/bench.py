@@ -6,7 +6,8 @@ Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), t
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
 and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V) and QAQ's
 format at one width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row) and with
-QAQ's default outliers (``qaq-Nbit-rows+out``: each row's smallest and largest element kept exact); then bf16
+QAQ's default outliers (``qaq-Nbit-rows+out``: each row's smallest and largest element kept exact), and the mix's
+widths and shares stored that way (``qaq-mix-rows-2/3/4bit+out``: its 3-bit part runs on the Triton kernel); then bf16
 SDPA and KIVI 4-bit / 2-bit quantized from the same K/V in bf16 (their speed-ups are against bf16 SDPA). Times are
 medians of CUDA-event timings; bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
@@ -121,6 +122,16 @@ def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
     for bits in (4, 2):  # ... and with QAQ's default outliers (each row's extremes, 2 of 128 channels)
         cases[f"qaq-{bits}bit-rows+out"] = [(with_row_extremes(token_part(k, counts, bits, d), k),
                                              with_row_extremes(token_part(v, counts, bits, d), v), counts)]
+    # the mix's widths and shares as QAQ stores them: rows with one scale and zero, each row's extremes exact
+    pairs, start = [], 0
+    for bits, frac in ((2, 0.3), (3, 0.5), (4, 0.2)):
+        n = int(round(frac * T)) if bits != 4 else T - start
+        ks = kh[:, start:start + n].reshape(-1, d)
+        vs = vh[:, start:start + n].reshape(-1, d)
+        pairs.append((with_row_extremes(token_part(ks, (n,) * H, bits, d), ks),
+                      with_row_extremes(token_part(vs, (n,) * H, bits, d), vs), (n,) * H))
+        start += n
+    cases["qaq-mix-rows-2/3/4bit+out"] = pairs
     return {"k": k, "v": v, "cases": cases}
 
 
@@ -209,8 +220,8 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
         served = [gluon_serves(p, qq) for p in plans]
         nbytes = sum(part_bytes(kp, pl.k if g else None) + part_bytes(vp, pl.v if g else None)
                      for (kp, vp, _), pl, g in zip(pairs, plans, served, strict=True)) + _nbytes(qq)
-        add(method, _times(lambda: attend_pairs(qq, plans, scale)), nbytes, "gluon" if all(served) else "triton",
-            base)
+        kernel = "gluon" if all(served) else ("gluon+triton" if any(served) else "triton")
+        add(method, _times(lambda: attend_pairs(qq, plans, scale)), nbytes, kernel, base)
 
     times = _times(lambda: F.scaled_dot_product_attention(q, k4, v4, scale=scale, enable_gqa=True))
     add("sdpa-fp16", times, fp16_bytes)

@@ -1110,8 +1110,9 @@ def outlier_slots(spec) -> torch.Tensor | None:
     """A TokenQuant part's outliers as ``S`` fixed slots per row (``[rows, S]`` int32, ``S`` = 2 or 4, the most any
     row has rounded up): the byte offset of the channel's row in the kernel's ``[128, 8]`` float32 buffers
     (``32 out_row(channel)``) in the high 16 bits, the 16 bits of ``value - dequantized code`` in the cache dtype (the
-    CSR's delta, rounded once) in the low ones; empty slots 0. ``None`` without outliers or when a row has more than
-    :data:`MAX_SLOTS`. Built once per outlier tensor from the part's CSR and cached on the part, like the CSR."""
+    CSR's delta, rounded once) in the low ones; empty slots 0. ``None`` without outliers, when a row has more than
+    :data:`MAX_SLOTS` or when a delta overflows the 16-bit format. Built once per outlier tensor from the part's CSR
+    and cached on the part, like the CSR."""
     if not spec.has_out or spec.odelta is None:
         return None
     return _slot_cache(spec)[0]
@@ -1142,11 +1143,11 @@ def _slot_cache(spec) -> tuple:
     sidx, ptr = spec.oidx.long(), spec.optr.long()
     most = int((ptr[1:] - ptr[:-1]).max())
     ell, fix = None, 1.0
-    if most <= MAX_SLOTS:
+    delta = spec.odelta.to(spec.scale.dtype)
+    if most <= MAX_SLOTS and bool(torch.isfinite(delta).all()):  # a delta beyond the 16-bit range: the Triton kernel
         S = 2 if most <= 2 else 4  # two kernel variants (a third for one slot would buy 4 bytes per row, rarely)
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
-        delta = spec.odelta.to(spec.scale.dtype)
         bits = delta.view(torch.int16).to(torch.int32) & 0xFFFF
         ell = torch.zeros(spec.nrows * S, dtype=torch.int32, device=sidx.device)
         ell[row * S + pos] = ((out_row(ch).to(torch.int32) * 32) << 16) | bits

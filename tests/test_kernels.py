@@ -523,6 +523,26 @@ def test_outlier_slots_hand_case():
         assert ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two))).shape == (5, 2)
     five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 0, 0], g)
     assert ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five))) is None
+    big = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 0, 0, 0, 0], g)
+    big.zero[0] = -60000.0
+    big.out_val[0] = 60000.0  # value - dequantized code overflows fp16: not representable in a slot
+    assert ga.outlier_slots(PartSpec(big, dispatch.outlier_csr(big))) is None
+
+
+def test_bench_row_extremes_follow_qaq():
+    """The bench's QAQ-format rows keep exactly the outliers QAQ's rule picks at its default ratio (each row's
+    smallest and largest element of 128)."""
+    from types import SimpleNamespace
+
+    from kernels.bench import with_row_extremes
+    from methods.qaq_quant import outlier_mask
+
+    x = _randn(6, 128, g=_gen(21), dtype=torch.float16)
+    p = with_row_extremes(SimpleNamespace(), x)
+    mask = torch.zeros(6 * 128, dtype=torch.bool, device=x.device)
+    mask[p.out_idx.long()] = True
+    assert torch.equal(mask.view(6, 128), outlier_mask(x, 0.01)) and p.out_idx.numel() == 12
+    assert torch.equal(p.out_val, x.reshape(-1)[p.out_idx.long()])
 
 
 @gpu_only
