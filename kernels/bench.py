@@ -6,9 +6,10 @@ Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), t
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
 and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V) and QAQ's
 format at one width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row) and with
-QAQ's default outliers (``qaq-Nbit-rows+out``: each row's smallest and largest element kept exact), and the mix's
-widths and shares stored that way (``qaq-mix-rows-2/3/4bit+out``: its 3-bit part runs on the Triton kernel); then bf16
-SDPA and KIVI 4-bit / 2-bit quantized from the same K/V in bf16 (their speed-ups are against bf16 SDPA). Times are
+QAQ's default outliers (``qaq-Nbit-rows+out``: quantized and packed by QAQ's own functions, each row's extremes
+exact, statistics over the rest), and the mix's widths and shares stored that way (``qaq-mix-rows-2/3/4bit+out``:
+its 3-bit part runs on the Triton kernel); then bf16 SDPA and KIVI 4-bit / 2-bit quantized from the same K/V in bf16
+(their speed-ups are against bf16 SDPA). Times are
 medians of CUDA-event timings; bytes are the real tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
 ``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop runs it; the host's Python
@@ -65,14 +66,24 @@ def token_part(x: torch.Tensor, counts, bits: int, group: int, outlier_frac: flo
     return p
 
 
-def with_row_extremes(p, x: torch.Tensor):
-    """``p`` with each row's smallest and largest element as exact outliers (QAQ's rule at its default ratio 0.01
-    for 128 channels: ``x <= kth(1)`` or ``x > kth(127)``; the codes stay those of the whole row)."""
-    d = x.shape[1]
-    rows = torch.arange(x.shape[0], device=x.device) * d
-    idx = torch.stack([rows + x.argmin(1), rows + x.argmax(1)], 1).reshape(-1).to(torch.int32)
-    p.out_idx, p.out_val = idx, x.reshape(-1)[idx.long()].clone()
-    return p
+def qaq_rows(x: torch.Tensor, counts, bits: int, ratio: float = 0.01, chunk: int = 1 << 20):
+    """Rows ``x`` as QAQ stores them at ``bits`` with its default outliers: ``qaq_quant.quantize_groups`` (faithful
+    mode: statistics over the non-outliers, each row's extremes kept exact, code 0 at their positions) and
+    ``pack_rows`` (one scale and zero per row, outliers as int32 flat indices + values), in chunks of rows."""
+    from methods.qaq_quant import pack_rows, quantize_groups
+
+    words, scale, zero, idx, val = [], [], [], [], []
+    for r0 in range(0, x.shape[0], chunk):
+        xs = x[r0:r0 + chunk]
+        qg = quantize_groups(xs, torch.full((xs.shape[0],), bits, dtype=torch.int64, device=x.device), ratio)
+        p = pack_rows(xs, qg.codes, qg.scale, qg.zero, qg.outliers, bits, (xs.shape[0],), x.dtype)
+        words.append(p.words), scale.append(p.scale), zero.append(p.zero)
+        if p.out_idx is not None:
+            idx.append(p.out_idx + r0 * x.shape[1]), val.append(p.out_val)
+        del qg
+    return SimpleNamespace(words=torch.cat(words), scale=torch.cat(scale), zero=torch.cat(zero), nbits=bits,
+                           group=x.shape[1], d=x.shape[1], counts=tuple(counts),
+                           out_idx=torch.cat(idx) if idx else None, out_val=torch.cat(val) if val else None)
 
 
 def channel_part(x: torch.Tensor, counts, bits: int, group: int):
@@ -119,17 +130,15 @@ def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
     cases["qaq-mix-2/3/4bit+1%"] = pairs
     for bits in (4, 2):  # QAQ's format at one width: TokenQuant K and V, a scale and zero per row, no outliers
         cases[f"qaq-{bits}bit-rows"] = [(token_part(k, counts, bits, d), token_part(v, counts, bits, d), counts)]
-    for bits in (4, 2):  # ... and with QAQ's default outliers (each row's extremes, 2 of 128 channels)
-        cases[f"qaq-{bits}bit-rows+out"] = [(with_row_extremes(token_part(k, counts, bits, d), k),
-                                             with_row_extremes(token_part(v, counts, bits, d), v), counts)]
+    for bits in (4, 2):  # ... and as QAQ stores them with its default outliers (each row's extremes exact)
+        cases[f"qaq-{bits}bit-rows+out"] = [(qaq_rows(k, counts, bits), qaq_rows(v, counts, bits), counts)]
     # the mix's widths and shares as QAQ stores them: rows with one scale and zero, each row's extremes exact
     pairs, start = [], 0
     for bits, frac in ((2, 0.3), (3, 0.5), (4, 0.2)):
         n = int(round(frac * T)) if bits != 4 else T - start
         ks = kh[:, start:start + n].reshape(-1, d)
         vs = vh[:, start:start + n].reshape(-1, d)
-        pairs.append((with_row_extremes(token_part(ks, (n,) * H, bits, d), ks),
-                      with_row_extremes(token_part(vs, (n,) * H, bits, d), vs), (n,) * H))
+        pairs.append((qaq_rows(ks, (n,) * H, bits), qaq_rows(vs, (n,) * H, bits), (n,) * H))
         start += n
     cases["qaq-mix-rows-2/3/4bit+out"] = pairs
     return {"k": k, "v": v, "cases": cases}

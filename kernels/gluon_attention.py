@@ -621,12 +621,12 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
 
 
 # ---- sparse outliers (QAQ keeps each row's extremes exact) ----------------------------------------------------------
-# Each row's outliers come as S fixed slots (outlier_slots: channel << 16 | the 16 bits of value - dequantized code,
-# empty slots 0). Key outliers change a token's scores: the lane holding score row t adds sum_j q[m, c_j] delta_j for
-# its queries (q gathered from global memory, where it stays in L1). Value outliers add delta_j p[t, m] at output
-# channel c_j, which another lane holds: the products go to a [128, 8] float32 buffer in shared memory by atomic adds
-# and the buffer is added to the accumulator (and cleared) at the end of each half tile, where both use the same
-# running max.
+# Each row's outliers come as S fixed slots (outlier_slots: the byte offset of the channel's row in the [128, 8]
+# buffers << 16 | the 16 bits of value - dequantized code, empty slots 0). Key outliers change a token's scores: the
+# lane holding score row t adds sum_j q'[m, c_j] delta_j for its queries, q' (scaled queries, float32) read from
+# shared memory. Value outliers add delta_j p[t, m] at output channel c_j, which another lane holds: the products go
+# in int32 fixed point (outlier_fix) to a [128, 8] buffer in shared memory by integer atomics, and the buffer is added
+# to the accumulator (and cleared) at the end of each half tile, where both use the same running max.
 @gluon.constexpr_function
 def _slot_layout(slots):
     """``[16 tokens, 8 queries, S slots]``: the accumulator layout of a chunk's scores, each lane holding the S
@@ -1111,8 +1111,8 @@ def outlier_slots(spec) -> torch.Tensor | None:
     row has rounded up): the byte offset of the channel's row in the kernel's ``[128, 8]`` float32 buffers
     (``32 out_row(channel)``) in the high 16 bits, the 16 bits of ``value - dequantized code`` in the cache dtype (the
     CSR's delta, rounded once) in the low ones; empty slots 0. ``None`` without outliers, when a row has more than
-    :data:`MAX_SLOTS` or when a delta overflows the 16-bit format. Built once per outlier tensor from the part's CSR
-    and cached on the part, like the CSR."""
+    :data:`MAX_SLOTS`, when a delta overflows the 16-bit format, when an index repeats or when the outliers are not on
+    the codes' device. Built once per outlier tensor from the part's CSR and cached on the part, like the CSR."""
     if not spec.has_out or spec.odelta is None:
         return None
     return _slot_cache(spec)[0]
@@ -1120,9 +1120,10 @@ def outlier_slots(spec) -> torch.Tensor | None:
 
 def outlier_fix(spec) -> float:
     """The fixed-point factor ``2^k`` of a part's value-outlier products in the kernel's int32 correction buffer:
-    ``k = 24 - ceil(log2 max |delta|)``, so one product ``|delta p| 2^k`` (``p <= 1``) stays below ``2^24`` and a half
-    tile's sum per output element (at most 64 tokens, one outlier per channel each) below ``2^30``; the rounding of
-    each product is at most ``2^-25 max |delta|`` (1.0 without outliers)."""
+    ``k = 24 - ceil(log2 max |delta|)``, so one product ``|delta p| 2^k`` (``p <= 1``) is at most ``2^24`` and a half
+    tile's sum per output element (at most 64 tokens, one outlier per channel and row: repeated indices are refused)
+    at most ``2^30``; each product is rounded by at most ``2^-(k+1) <= 2^-24 max |delta|`` (after the float32
+    product's own rounding). 1.0 without outliers."""
     return _slot_cache(spec)[1]
 
 
@@ -1141,10 +1142,13 @@ def _slot_cache(spec) -> tuple:
     if cached is not None and cached[0] is spec.oidx:
         return cached[1]
     sidx, ptr = spec.oidx.long(), spec.optr.long()
-    most = int((ptr[1:] - ptr[:-1]).max())
-    ell, fix = None, 1.0
     delta = spec.odelta.to(spec.scale.dtype)
-    if most <= MAX_SLOTS and bool(torch.isfinite(delta).all()):  # a delta beyond the 16-bit range: the Triton kernel
+    # one host sync: the most outliers in a row, whether every delta fits the 16-bit format, and repeated indices
+    # (the reference writes a repeated position once; slots would add its delta twice)
+    most, finite, repeated = torch.stack([(ptr[1:] - ptr[:-1]).max(), torch.isfinite(delta).all().long(),
+                                          (sidx[1:] == sidx[:-1]).any().long()]).tolist()
+    ell, fix = None, 1.0
+    if most <= MAX_SLOTS and finite and not repeated and spec.oidx.is_cuda == spec.data.is_cuda:
         S = 2 if most <= 2 else 4  # two kernel variants (a third for one slot would buy 4 bytes per row, rarely)
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
@@ -1152,7 +1156,7 @@ def _slot_cache(spec) -> tuple:
         ell = torch.zeros(spec.nrows * S, dtype=torch.int32, device=sidx.device)
         ell[row * S + pos] = ((out_row(ch).to(torch.int32) * 32) << 16) | bits
         ell = ell.view(spec.nrows, S)
-        most_abs = float(delta.float().abs().max())
+        most_abs = float(delta.float().abs().max())  # a second sync, only where slots are built
         if most_abs > 0:
             fix = 2.0 ** min(24 - math.ceil(math.log2(most_abs)), 100)
     try:
@@ -1286,14 +1290,21 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
     """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel)."""
     H, M, D = q.shape
     want = scores is not None
-    _kivi_attn_kernel[(H, plan.nsplit)](
-        q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
-        plan.v.data, plan.v.scale, plan.v.zero,
-        plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
-        scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
-        plan.counters if plan.counters is not None else plan.k.data, _ell_arg(plan.k), _ell_arg(plan.v),
-        outlier_fix(plan.v), **_consts(plan, want),
-    )
+    consts = _consts(plan, want)
+    args = (q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
+            plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
+            plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
+            s_total, plan.nsplit, float(scale), plan.counters if plan.counters is not None else plan.k.data,
+            _ell_arg(plan.k), _ell_arg(plan.v), outlier_fix(plan.v))
+    if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
+        key = tuple(consts.items())
+        if key not in _CHECKED:
+            _check_smem(_kivi_attn_kernel.warmup(*args, grid=(H, plan.nsplit), **consts), True)
+            _CHECKED.add(key)
+    _kivi_attn_kernel[(H, plan.nsplit)](*args, **consts)
+
+
+_CHECKED: set = set()
 
 
 def _ell_arg(spec) -> torch.Tensor:
@@ -1302,10 +1313,11 @@ def _ell_arg(spec) -> torch.Tensor:
     return spec.data if ell is None else ell
 
 
-def _check_smem(kern, v_out: bool) -> None:
-    """With value outliers the correction buffer must be the kernel's only shared memory (so at offset 0: the kernel
-    addresses it from the shared window's base): one allocation, and the kernel's shared memory is its 4 KB."""
-    if not v_out:
+def _check_smem(kern, outliers: bool) -> None:
+    """With outliers the kernel's buffers (value corrections and scaled queries) must be its only shared memory (so at
+    offset 0: the kernel addresses them from the shared window's base): one allocation, and the kernel's shared
+    memory is its 8 KB."""
+    if not outliers:
         return
     allocs = kern.asm["ttgir"].count("ttg.local_alloc")
     if allocs != 1 or int(kern.metadata.shared) != 2 * 128 * 8 * 4:

@@ -361,7 +361,7 @@ def gluon_serves(plan: PairPlan, q: torch.Tensor) -> bool:
 
 def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float,
                   lq: int):
-    if gluon_serves(plan, q):  # packed 2/4-bit pairs without outliers: dequantized in the mma operand layout
+    if gluon_serves(plan, q):  # packed 2/4-bit pairs (few outliers per row): dequantized in the mma operand layout
         try:
             _gluon.launch(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq)
             return

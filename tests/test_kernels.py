@@ -523,39 +523,70 @@ def test_outlier_slots_hand_case():
         assert ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two))).shape == (5, 2)
     five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 0, 0], g)
     assert ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five))) is None
+    dup = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [2, 0, 0, 0, 0], g)
+    dup.out_idx = dup.out_idx[[0, 0]].contiguous()  # one position twice: the reference writes it once
+    assert ga.outlier_slots(PartSpec(dup, dispatch.outlier_csr(dup))) is None
+    b16 = TokenQuant(ref.pack(codes, 2), scale.bfloat16(), zero.bfloat16(), 2, 128, 128, (3,))
+    b16.out_idx, b16.out_val = part.out_idx, part.out_val.bfloat16()
+    bits = int(ga.outlier_slots(PartSpec(b16, dispatch.outlier_csr(b16)))[0, 0]) & 0xFFFF
+    assert bits == int(torch.tensor(-2.5, dtype=torch.bfloat16).view(torch.int16)) & 0xFFFF  # bf16 bits
     big = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 0, 0, 0, 0], g)
     big.zero[0] = -60000.0
     big.out_val[0] = 60000.0  # value - dequantized code overflows fp16: not representable in a slot
     assert ga.outlier_slots(PartSpec(big, dispatch.outlier_csr(big))) is None
 
 
-def test_bench_row_extremes_follow_qaq():
-    """The bench's QAQ-format rows keep exactly the outliers QAQ's rule picks at its default ratio (each row's
-    smallest and largest element of 128)."""
-    from types import SimpleNamespace
+def test_bench_qaq_rows_are_qaqs_storage():
+    """The bench's QAQ-format rows with outliers are what QAQ stores (its quantizer and packer, here in chunks of 4
+    rows): each row's extremes exact, codes 0 there, and deltas that are not zero."""
+    from kernels.bench import qaq_rows
+    from methods.qaq_quant import pack_rows, quantize_groups
 
-    from kernels.bench import with_row_extremes
-    from methods.qaq_quant import outlier_mask
+    x = _randn(10, 128, g=_gen(21), dtype=torch.float16)
+    p = qaq_rows(x, (10,), 2, chunk=4)
+    qg = quantize_groups(x, torch.full((10,), 2, dtype=torch.int64, device=x.device), 0.01)
+    want = pack_rows(x, qg.codes, qg.scale, qg.zero, qg.outliers, 2, (10,), x.dtype)
+    for name in ("words", "scale", "zero", "out_idx", "out_val"):
+        assert torch.equal(getattr(p, name), getattr(want, name)), name
+    assert p.out_idx.numel() >= 20
+    sidx, _, _, delta = dispatch.outlier_csr(p)
+    assert bool((delta != 0).all()) and float(delta.abs().mean()) > 1  # statistics over the rest, not the extremes
 
-    x = _randn(6, 128, g=_gen(21), dtype=torch.float16)
-    p = with_row_extremes(SimpleNamespace(), x)
-    mask = torch.zeros(6 * 128, dtype=torch.bool, device=x.device)
-    mask[p.out_idx.long()] = True
-    assert torch.equal(mask.view(6, 128), outlier_mask(x, 0.01)) and p.out_idx.numel() == 12
-    assert torch.equal(p.out_val, x.reshape(-1)[p.out_idx.long()])
+
+def _ref64_causal(q, k_part, v_part, scale, starts, cnts, newr, lq):
+    """:func:`_ref64` with the last ``newr`` rows of each head seen by query token ``i`` (``m % lq``) only up to row
+    ``i`` (decode of several tokens at once)."""
+    o64, l64, s64 = _ref64(q, k_part, v_part, scale, starts, cnts)
+    if not newr:
+        return o64, l64, s64
+    H, M, d = q.shape
+    nmax = max(cnts)
+    col = torch.arange(nmax, device=q.device)
+    seen = torch.stack([(col - (c - newr))[None, :] <= (torch.arange(M, device=q.device) % lq)[:, None]
+                        for c in cnts])
+    s64 = s64.masked_fill(~seen, float("-inf"))
+    l64 = torch.logsumexp(s64, -1)
+    vf = dispatch.dequant_reference(v_part).double()
+    vo = dispatch._offsets(v_part.counts)
+    vp = torch.zeros(H, nmax, d, dtype=torch.float64, device=q.device)
+    for h in range(H):
+        vp[h, :cnts[h]] = vf[vo[h] + starts[h]:vo[h] + starts[h] + cnts[h]]
+    return torch.matmul(torch.exp(s64 - torch.where(torch.isfinite(l64), l64, 0).unsqueeze(-1)), vp), l64, s64
 
 
 @gpu_only
-@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr,k_most,v_most,dtype", [
-    (4, 4, 128, 128, 8, 1, True, False, 0, 2, 2, F16), (2, 2, 128, 128, 4, 1, False, True, 0, 2, 2, F16),
-    (4, 2, 32, 32, 8, 2, False, True, 3, 1, 4, F16), (2, 4, 64, 16, 1, 1, True, False, 0, 3, 0, F16),
-    (4, 4, 128, 32, 4, 4, False, True, 5, 0, 2, F16), (2, 2, 32, 128, 8, 1, False, False, 0, 4, 1, F16),
-    (4, 4, 128, 128, 8, 1, False, True, 0, 2, 2, BF16), (2, 4, 64, 32, 4, 2, True, False, 3, 4, 3, BF16)])
-def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, k_most, v_most, dtype,
+@pytest.mark.parametrize("kbits,vbits,kg,vg,M,lq,uniform,want,newr,k_most,v_most,dtype,static", [
+    (4, 4, 128, 128, 8, 1, True, False, 0, 2, 2, F16, False), (2, 2, 128, 128, 4, 1, False, True, 0, 2, 2, F16, False),
+    (4, 2, 32, 32, 8, 2, False, True, 3, 1, 4, F16, False), (2, 4, 64, 16, 1, 1, True, False, 0, 3, 0, F16, True),
+    (4, 4, 128, 32, 4, 4, False, True, 5, 0, 2, F16, False), (2, 2, 32, 128, 8, 1, False, False, 0, 4, 1, F16, False),
+    (4, 4, 128, 128, 8, 1, False, True, 0, 2, 2, BF16, True), (2, 4, 64, 32, 4, 2, True, False, 3, 4, 3, BF16, False)])
+def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, k_most, v_most, dtype, static,
                                       monkeypatch, gluon_strict):
     """TokenQuant pairs with sparse outliers (up to ``k_most`` / ``v_most`` per row, rows with none among them:
     QAQ keeps each row's 2 extremes at its default ratio) on the Gluon kernel against float64: the key outliers'
-    score terms and the value outliers' output terms, ragged heads, scores, causal new rows."""
+    score terms and the value outliers' output terms, ragged heads, scores, causal new rows, dynamic or static
+    schedule. Each side's outliers change the reference output by more than the tolerance (so a kernel that dropped
+    either would fail)."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -563,6 +594,8 @@ def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want
     taken = []
     launch = ga.launch
     monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
+    if static:
+        monkeypatch.setattr(ga, "DYNAMIC", False)
     g = _gen(7 * kbits + 5 * vbits + kg + vg + M + 11 * k_most + 13 * v_most)
     H, d = 6, 128
     if uniform:
@@ -585,19 +618,7 @@ def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want
     plan = PairPlan(kspec, vspec, [ko[h] + starts[h] for h in range(H)], [vo[h] + starts[h] for h in range(H)], cnts,
                     nsplit=7, newr=newr, device=DEV)
     q = _randn(H, M, d, g=g, dtype=dtype)
-    o64, l64, s64 = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
-    if newr:  # query token i (m % lq) sees new row j (of the last newr) only if j <= i
-        nmax = max(cnts)
-        col = torch.arange(nmax, device=DEV)
-        seen = torch.stack([(col - (c - newr))[None, :] <= (torch.arange(M, device=DEV) % lq)[:, None]
-                            for c in cnts])
-        s64 = s64.masked_fill(~seen, float("-inf"))
-        l64 = torch.logsumexp(s64, -1)
-        vf = dispatch.dequant_reference(v_part).double()
-        vp = torch.zeros(H, nmax, d, dtype=torch.float64, device=DEV)
-        for h in range(H):
-            vp[h, :cnts[h]] = vf[vo[h] + starts[h]:vo[h] + starts[h] + cnts[h]]
-        o64 = torch.matmul(torch.exp(s64 - torch.where(torch.isfinite(l64), l64, 0).unsqueeze(-1)), vp)
+    o64, l64, s64 = _ref64_causal(q, k_part, v_part, d ** -0.5, starts, cnts, newr, lq)
     scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
     out, lse = attend_pairs(q, [plan], d ** -0.5, scores, lq)
     assert taken, "the Gluon kernel was not used"
@@ -608,18 +629,48 @@ def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want
     if want:
         sfin = torch.isfinite(s64)
         assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[dtype]
-    # the outliers matter: without them the output is off by more than the tolerance
-    bare_k, bare_v = (dataclasses.replace(p, out_idx=None, out_val=None) for p in (k_part, v_part))
-    o_bare, _, _ = _ref64(q, bare_k, bare_v, d ** -0.5, starts, cnts)
-    if not newr:
-        assert relerr(o_bare[fin], o64[fin]) > 3 * TOL[dtype]
+    for side, most in ((0, k_most), (1, v_most)):
+        if most:
+            parts = [k_part, v_part]
+            parts[side] = dataclasses.replace(parts[side], out_idx=None, out_val=None)
+            o_bare, _, _ = _ref64_causal(q, *parts, d ** -0.5, starts, cnts, newr, lq)
+            assert relerr(o_bare[fin], o64[fin]) > 3 * TOL[dtype], side
+
+
+@gpu_only
+def test_gluon_value_outliers_fixed_point_bound(gluon_strict):
+    """The largest sums the int32 buffer takes: queries 0 (every p = 1), every row's one value outlier in the same
+    channel with |delta| = max |delta| = 8, a power of two (each product 2^24, a half tile's 64 of them 2^30), with
+    signs alternating per head; the output matches float64."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    H, d, T = 4, 128, 640
+    g = _gen(77)
+    k_part = _make("T", (T,) * H, d, 4, 128, F16, g, 0)
+    codes = torch.zeros(H * T, d, dtype=torch.int64)
+    v_part = TokenQuant(ref.pack(codes, 4).to(DEV), torch.ones(H * T, 1, dtype=F16, device=DEV),
+                        torch.zeros(H * T, 1, dtype=F16, device=DEV), 4, 128, d, (T,) * H)
+    rows = torch.arange(H * T)
+    v_part.out_idx = (rows * d + 5).to(torch.int32).to(DEV)
+    v_part.out_val = torch.where(rows // T % 2 == 0, 8.0, -8.0).to(F16).to(DEV)
+    kspec, vspec = PartSpec(k_part), PartSpec(v_part, dispatch.outlier_csr(v_part))
+    assert ga.outlier_fix(vspec) == 2.0 ** 21 and ga.pair_fits(kspec, vspec)
+    plan = PairPlan(kspec, vspec, [h * T for h in range(H)], [h * T for h in range(H)], [T] * H, nsplit=3, device=DEV)
+    q = torch.zeros(H, 4, d, dtype=F16, device=DEV)
+    out, _ = attend_pairs(q, [plan], d ** -0.5)
+    o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, [T] * H)
+    assert relerr(out, o64) < 1e-4
+    want = torch.tensor([8.0, -8.0, 8.0, -8.0]).repeat_interleave(4).view(H, 4)
+    assert torch.allclose(out[:, :, 5].cpu(), want, rtol=0, atol=1e-5)
 
 
 @gpu_only
 def test_gluon_scope_of_tokenquant_keys():
     """Which TokenQuant-key pairs the Gluon kernel takes: keys and values of 2 or 4 bits, key groups of 32, 64 or 128
-    channels, at most 4 outliers per row; group 16, 0/3/8-bit keys, 3-bit values and more outliers in a row stay on
-    Triton."""
+    channels, at most 4 outliers per row; group 16, 0/3/8-bit keys, 3-bit values, more outliers in a row and value
+    outliers next to ChannelQuant keys stay on Triton."""
     from kernels import gluon_attention as ga
     from kernels.triton_tiles import PartSpec
 
@@ -633,6 +684,9 @@ def test_gluon_scope_of_tokenquant_keys():
 
     assert all(fits(kb, kg, vb=vb) for kb in (2, 4) for vb in (2, 4) for kg in (32, 64, 128))
     assert fits(2, 128, k_out=10) and fits(4, 128, v_out=10)  # a few per row
+    ck = _make("C", counts, d, 2, 32, torch.float16, g, 0)
+    v = _make("T", counts, d, 2, 32, torch.float16, g, 10)
+    assert not ga.pair_fits(PartSpec(ck), PartSpec(v, dispatch.outlier_csr(v)))  # ChannelQuant keys: no outliers
     assert not any([fits(2, 16), fits(0, 32), fits(3, 32), fits(8, 32), fits(2, 32, vb=3), fits(2, 128, k_out=3000),
                     fits(4, 128, v_out=3000)])
 
