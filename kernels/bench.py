@@ -96,7 +96,9 @@ def channel_part(x: torch.Tensor, counts, bits: int, group: int):
 def part_bytes(p, spec=None) -> int:
     """Bytes of a part's tensors that a decode step reads: codes, scales, zeros and its outliers, as stored (int32
     index + value) or, where the Gluon kernel serves the part (``spec`` given), as the fixed slots it reads instead
-    (4 bytes per slot; gluon_attention.outlier_slots, built once per part and kept beside the stored pairs)."""
+    (gluon_attention.outlier_slots, built once per part and kept beside the stored pairs): the first plane, 2 slots
+    of 4 bytes per row; the second plane, read only for the 16-row chunks that have a row with a third or fourth
+    outlier (about 4% of them for QAQ's rows), is not counted."""
     if hasattr(p, "x"):
         return _nbytes(p.x)
     ell = None
@@ -104,7 +106,7 @@ def part_bytes(p, spec=None) -> int:
         from kernels.gluon_attention import outlier_slots
 
         ell = outlier_slots(spec)
-    outl = (ell,) if ell is not None else (getattr(p, "out_idx", None), getattr(p, "out_val", None))
+    outl = (ell[0],) if ell is not None else (getattr(p, "out_idx", None), getattr(p, "out_val", None))
     return _nbytes(p.words, p.scale if p.nbits else None, p.zero, *outl)
 
 

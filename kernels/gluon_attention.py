@@ -638,26 +638,28 @@ def _slot_layout(slots):
 
 
 @gluon.jit
-def _slots(ell, row, nrows, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
-    """Outlier slots of the 16 rows ``row`` (a chunk's score rows): the byte offsets of their channels' rows in the
-    ``[128, 8]`` buffers ``[16, 1, S]`` (int32) and their deltas ``[16, 1, S]`` (float32) in :func:`_slot_layout`."""
-    L3: gl.constexpr = _slot_layout(S)
+def _slots(ell, row, nrows, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """The two outlier slots of a plane for the 16 rows ``row`` (a chunk's score rows): the byte offsets of their
+    channels' rows in the ``[128, 8]`` buffers ``[16, 1, 2]`` (int32), their deltas ``[16, 1, 2]`` (float32) in
+    :func:`_slot_layout`, and whether any of the rows has slots in the second plane (the first slot's sign bit)."""
+    L3: gl.constexpr = _slot_layout(2)
     LE: gl.constexpr = gl.SliceLayout(1, L3)
     r = gl.convert_layout(row, gl.SliceLayout(1, LE), assert_trivial=True)
-    j = gl.arange(0, S, layout=gl.SliceLayout(0, LE))
-    ptr = ell + (gl.expand_dims(r * S, 1) + gl.expand_dims(j, 0))
+    j = gl.arange(0, 2, layout=gl.SliceLayout(0, LE))
+    ptr = ell + (gl.expand_dims(r * 2, 1) + gl.expand_dims(j, 0))
     if MASKED:
-        ok = gl.expand_dims((r >= 0) & (r < nrows), 1) & gl.expand_dims(j < S, 0)
+        ok = gl.expand_dims((r >= 0) & (r < nrows), 1) & gl.expand_dims(j < 2, 0)
         ew = gl.load(ptr, mask=ok, other=0)
     else:
         ew = gl.load(ptr)
-    off = (ew >> 16) & 0xFFFF
+    off = (ew >> 16) & 0xFFF
     lo = (ew & 0xFFFF).to(gl.int16)
     if BF16:
         dl = lo.to(gl.bfloat16, bitcast=True).to(gl.float32)
     else:
         dl = lo.to(gl.float16, bitcast=True).to(gl.float32)
-    return gl.expand_dims(off, 1), gl.expand_dims(dl, 1)
+    more = gl.min(gl.min(ew, 1), 0) < 0  # some row's first slot has its sign bit (no other slot word is negative)
+    return gl.expand_dims(off, 1), gl.expand_dims(dl, 1), more
 
 
 @gluon.jit
@@ -669,27 +671,48 @@ def _qcol3(S: gl.constexpr):
 
 
 @gluon.jit
+def _k_terms(qbase, off, dl):
+    """``[16, 8]`` key-outlier terms ``sum_j q'[m, c_j] delta_j`` of two slots per row."""
+    qv = gl.inline_asm_elementwise(LDS_F32X2, "=f,=f,r,r", [(qbase + off) + _qcol3(2) * 4], dtype=gl.float32,
+                                   is_pure=True, pack=2)
+    return gl.convert_layout(gl.sum(qv * dl, axis=2), MMA, assert_trivial=True)
+
+
+@gluon.jit
 def _k_out(s, k_ell, tok, k_nrows, qbase, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
     """Scores ``s [16, 8]`` (log2 units) plus the key outliers' terms ``sum_j q'[m, c_j] delta_j`` of each token
-    row, with the scaled queries ``q'`` read from shared memory at ``qbase`` (``[128 channels, 8 queries]``)."""
-    off, dl = _slots(k_ell, tok, k_nrows, S, MASKED, BF16)
-    qv = gl.inline_asm_elementwise(LDS_F32X2, "=f,=f,r,r", [(qbase + off) + _qcol3(S) * 4], dtype=gl.float32,
-                                   is_pure=True, pack=2)
-    corr = gl.sum(qv * dl, axis=2)
-    return s + gl.convert_layout(corr, MMA, assert_trivial=True)
+    row, with the scaled queries ``q'`` read from shared memory at ``qbase`` (``[128 channels, 8 queries]``); the
+    second plane (``S`` = 4) only for chunks that have a row with slots there (a warp-uniform branch)."""
+    off, dl, more = _slots(k_ell, tok, k_nrows, MASKED, BF16)
+    s = s + _k_terms(qbase, off, dl)
+    if S == 4:
+        if more:
+            off2, dl2, _ = _slots(k_ell + 2 * k_nrows, tok, k_nrows, MASKED, BF16)
+            s = s + _k_terms(qbase, off2, dl2)
+    return s
+
+
+@gluon.jit
+def _v_red(cbase, pm, off, dl, v_fix):
+    """The fixed-point products ``delta_j p[t, m] v_fix`` of two slots per row into the correction buffer."""
+    L3: gl.constexpr = _slot_layout(2)
+    val = gl.expand_dims(gl.convert_layout(pm, gl.SliceLayout(2, L3), assert_trivial=True), 2) * (dl * v_fix)
+    addr = (cbase + off) + _qcol3(2) * 4
+    gl.inline_asm_elementwise(RED_OUT, "=r,r,f", [addr, val], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
 def _v_out(cbase, p, v_ell, vrow, v_nrows, v_fix, M, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
     """Add ``delta_j p[t, m]`` of each value outlier of the chunk's tokens (rows ``vrow``), in fixed point (times
     ``v_fix``), to the shared correction buffer at its output row (the accumulator's row of channel ``c``:
-    ``8 (c % 16) + c // 16``) and query ``m < M``."""
-    L3: gl.constexpr = _slot_layout(S)
-    off, dl = _slots(v_ell, vrow, v_nrows, S, MASKED, BF16)
+    ``8 (c % 16) + c // 16``) and query ``m < M``; the second plane as in :func:`_k_out`."""
+    off, dl, more = _slots(v_ell, vrow, v_nrows, MASKED, BF16)
     pm = gl.where(gl.expand_dims(gl.arange(0, 8, layout=COL_L), 0) < M, p, 0.0)
-    val = gl.expand_dims(gl.convert_layout(pm, gl.SliceLayout(2, L3), assert_trivial=True), 2) * (dl * v_fix)
-    addr = (cbase + off) + _qcol3(S) * 4
-    gl.inline_asm_elementwise(RED_OUT, "=r,r,f", [addr, val], dtype=gl.int32, is_pure=False, pack=1)
+    _v_red(cbase, pm, off, dl, v_fix)
+    if S == 4:
+        if more:
+            off2, dl2, _ = _slots(v_ell + 2 * v_nrows, vrow, v_nrows, MASKED, BF16)
+            _v_red(cbase, pm, off2, dl2, v_fix)
 
 
 @gluon.jit
@@ -1107,12 +1130,14 @@ MAX_SLOTS = 4  # outlier slots per row the kernel takes (QAQ's default keeps 2 p
 
 
 def outlier_slots(spec) -> torch.Tensor | None:
-    """A TokenQuant part's outliers as ``S`` fixed slots per row (``[rows, S]`` int32, ``S`` = 2 or 4, the most any
-    row has rounded up): the byte offset of the channel's row in the kernel's ``[128, 8]`` float32 buffers
-    (``32 out_row(channel)``) in the high 16 bits, the 16 bits of ``value - dequantized code`` in the cache dtype (the
-    CSR's delta, rounded once) in the low ones; empty slots 0. ``None`` without outliers, when a row has more than
-    :data:`MAX_SLOTS`, when a delta overflows the 16-bit format, when an index repeats or when the outliers are not on
-    the codes' device. Built once per outlier tensor from the part's CSR and cached on the part, like the CSR."""
+    """A TokenQuant part's outliers as fixed slots, ``[planes, rows, 2]`` int32: a row's first two outliers in plane
+    0, a third and fourth (QAQ keeps 3 where a row ties at an extreme, 0.2% of rows) in plane 1, which exists only
+    when some row has them; the sign bit of a row's first slot says that it has. A slot holds the byte offset of the
+    channel's row in the kernel's ``[128, 8]`` float32 buffers (``32 out_row(channel)``, bits 16-27) and the 16 bits
+    of ``value - dequantized code`` in the cache dtype (the CSR's delta, rounded once; bits 0-15); empty slots 0.
+    ``None`` without outliers, when a row has more than :data:`MAX_SLOTS`, when a delta overflows the 16-bit
+    format, when an index repeats or when the outliers are not on the codes' device. Built once per outlier tensor
+    from the part's CSR and cached on the part, like the CSR."""
     if not spec.has_out or spec.odelta is None:
         return None
     return _slot_cache(spec)[0]
@@ -1149,13 +1174,15 @@ def _slot_cache(spec) -> tuple:
                                           (sidx[1:] == sidx[:-1]).any().long()]).tolist()
     ell, fix = None, 1.0
     if most <= MAX_SLOTS and finite and not repeated and spec.oidx.is_cuda == spec.data.is_cuda:
-        S = 2 if most <= 2 else 4  # two kernel variants (a third for one slot would buy 4 bytes per row, rarely)
+        planes = 1 if most <= 2 else 2
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
         bits = delta.view(torch.int16).to(torch.int32) & 0xFFFF
-        ell = torch.zeros(spec.nrows * S, dtype=torch.int32, device=sidx.device)
-        ell[row * S + pos] = ((out_row(ch).to(torch.int32) * 32) << 16) | bits
-        ell = ell.view(spec.nrows, S)
+        ell = torch.zeros(planes, spec.nrows, 2, dtype=torch.int32, device=sidx.device)
+        ell[pos // 2, row, pos % 2] = ((out_row(ch).to(torch.int32) * 32) << 16) | bits
+        if planes == 2:  # rows with a third or fourth outlier: the sign bit of their first slot says so
+            extra = (ptr[1:] - ptr[:-1]) > 2
+            ell[0, :, 0] |= torch.where(extra, torch.tensor(-(1 << 31), dtype=torch.int32, device=sidx.device), 0)
         most_abs = float(delta.float().abs().max())  # a second sync, only where slots are built
         if most_abs > 0:
             fix = 2.0 ** min(24 - math.ceil(math.log2(most_abs)), 100)
@@ -1167,9 +1194,11 @@ def _slot_cache(spec) -> tuple:
 
 
 def _slots_of(spec) -> int:
-    """Outlier slots per row of a part (0: none)."""
-    ell = outlier_slots(spec)
-    return 0 if ell is None else ell.shape[1]
+    """The kernel's outlier variant for a part: 0 without outliers, else 4 (up to 4 slots per row: the second plane
+    behind a warp-uniform branch). One variant whether or not the part has a second plane: compiled with that branch,
+    ptxas schedules the chunks without spills (160 registers at 4 bits, against 168 and 272 bytes of spills for the
+    branch-free 2-slot kernel), and no slot count compiles a kernel of its own in the middle of a decode."""
+    return 0 if outlier_slots(spec) is None else 4
 
 
 def pair_fits(k, v) -> bool:

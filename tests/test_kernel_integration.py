@@ -101,7 +101,7 @@ def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
     """A head-dim-128 fp16 KIVI cache (ChannelQuant keys), QAQ cache with or without its outliers (each row's
     extremes at the default ratio) or MiKV cache (TokenQuant keys: its low-precision tokens) decodes through the
     Gluon kernel (checked) with the reference path's logits (fp16 tolerance), and 40 more decode steps over the
-    growing cache do not compile it again (but for a part whose outliers need another slot count)."""
+    growing cache do not compile it again (but for a new outlier variant)."""
     from kernels import gluon_attention as ga
 
     taken, variants = [], []
@@ -126,8 +126,8 @@ def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
         pytest.skip("this triton version does not expose its kernel cache")
     before, seen = sum(len(c[0]) for c in caches.values()), set(variants)
     run_cache(model, methods.parse_spec(spec), ids, n_decode=40, kv_dtype=torch.float16)
-    # a new compile only for a new outlier slot count (2 or 4 per row, per part: a decode part whose rows tie at an
-    # extreme keeps 3), never for the cache's growth
+    # a new compile only for a new kernel variant (the outlier variants differ in K_OUT / V_OUT: a first part with
+    # outliers on one side), never for the cache's growth
     new = set(variants) - seen
     assert all(any(all(a == b or a[0] in ("K_OUT", "V_OUT") for a, b in zip(n, o, strict=True)) for o in seen)
                for n in new), new

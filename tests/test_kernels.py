@@ -489,10 +489,11 @@ def _row_outliers(part, per_row, g):
 
 
 def test_outlier_slots_hand_case():
-    """The fixed-slot form of a part's outliers (what the Gluon kernel reads): row i's outliers in slots 0 .. in
-    channel order, the byte offset of the channel's accumulator row << 16 | the fp16 bits of value - dequantized
-    code; empty slots 0; S rounded up to 2 or 4; more than 4 in a row: none; the fixed-point factor 2^(24 - ceil
-    log2 max |delta|)."""
+    """The fixed-slot form of a part's outliers (what the Gluon kernel reads): row i's outliers in channel order, two
+    in plane 0, a third and fourth in plane 1 (only when some row has them; the row's first slot then has its sign
+    bit), each the byte offset of the channel's accumulator row << 16 | the fp16 bits of value - dequantized code;
+    empty slots 0; more than 4 in a row, repeated indices, deltas beyond fp16: none; the fixed-point factor
+    2^(24 - ceil log2 max |delta|)."""
     from kernels import gluon_attention as ga
     from kernels.triton_tiles import PartSpec
 
@@ -504,23 +505,24 @@ def test_outlier_slots_hand_case():
     part.out_idx = torch.tensor([128 + 7, 5, 128 + 2, 128 + 100], dtype=torch.int32)  # row 0: ch 5; row 1: 2, 7, 100
     part.out_val = torch.tensor([10.0, -3.0, 4.5, 0.25], dtype=torch.float16)
     ell = ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part)))
-    assert ell.shape == (3, 4) and ell.device == cpu
+    assert ell.shape == (2, 3, 2) and ell.device == cpu  # two planes: row 1 has a third outlier
 
     def slot(ch, delta):  # the channel's accumulator row 8 (c % 16) + c // 16, as a byte offset (x 32)
-        return ((8 * (ch % 16) + ch // 16) * 32 << 16) | int(torch.tensor(delta, dtype=torch.float16).view(
+        w = ((8 * (ch % 16) + ch // 16) * 32 << 16) | int(torch.tensor(delta, dtype=torch.float16).view(
             torch.int16)) & 0xFFFF
+        return w - (1 << 32) if w >= 1 << 31 else w
 
+    flag = -(1 << 31)  # row 1's first slot: it has slots in the second plane
     # row 0 ch 5: code 1 -> -1 + 0.5 = -0.5, delta -2.5; row 1 ch 2 / 7 / 100: codes 1, 0, 3 -> 2.25, 2.0, 2.75
-    want = [[slot(5, -2.5), 0, 0, 0], [slot(2, 4.5 - 2.25), slot(7, 10.0 - 2.0), slot(100, 0.25 - 2.75), 0],
-            [0, 0, 0, 0]]
-    assert ell.tolist() == [[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in want]
+    assert ell[0].tolist() == [[slot(5, -2.5), 0], [slot(2, 4.5 - 2.25) | flag, slot(7, 10.0 - 2.0)], [0, 0]]
+    assert ell[1].tolist() == [[0, 0], [slot(100, 0.25 - 2.75), 0], [0, 0]]
     assert ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part))) is ell  # cached on the part
     assert ga.outlier_fix(PartSpec(part, dispatch.outlier_csr(part))) == 2.0 ** (24 - 3)  # max |delta| 8 = 2^3
     assert [ga.out_row(c) for c in (0, 1, 15, 16, 127)] == [0, 8, 120, 1, 127]
     g = _gen(3)
     for per_row in ([2, 0, 1, 2, 2], [1, 0, 1, 1, 0]):
         two = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), per_row, g)
-        assert ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two))).shape == (5, 2)
+        assert ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two))).shape == (1, 5, 2)  # one plane
     five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 0, 0], g)
     assert ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five))) is None
     dup = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [2, 0, 0, 0, 0], g)
@@ -528,7 +530,7 @@ def test_outlier_slots_hand_case():
     assert ga.outlier_slots(PartSpec(dup, dispatch.outlier_csr(dup))) is None
     b16 = TokenQuant(ref.pack(codes, 2), scale.bfloat16(), zero.bfloat16(), 2, 128, 128, (3,))
     b16.out_idx, b16.out_val = part.out_idx, part.out_val.bfloat16()
-    bits = int(ga.outlier_slots(PartSpec(b16, dispatch.outlier_csr(b16)))[0, 0]) & 0xFFFF
+    bits = int(ga.outlier_slots(PartSpec(b16, dispatch.outlier_csr(b16)))[0, 0, 0]) & 0xFFFF
     assert bits == int(torch.tensor(-2.5, dtype=torch.bfloat16).view(torch.int16)) & 0xFFFF  # bf16 bits
     big = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 0, 0, 0, 0], g)
     big.zero[0] = -60000.0
@@ -786,7 +788,7 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
     (2, 2, False, False, True, False, 32, 0), (4, 2, True, False, True, False, 32, 0),
     (2, 4, False, False, False, False, 32, 0), (4, 4, False, True, True, False, 32, 0),
     (2, 2, True, True, False, False, 32, 0), (2, 2, True, False, True, True, 32, 0),
-    (4, 2, False, True, False, True, 128, 0), (4, 4, False, False, True, True, 128, 2),
+    (4, 2, False, True, False, True, 128, 0), (4, 4, False, False, True, True, 128, 4),
     (2, 4, True, True, False, True, 64, 4)])
 def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg, out):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
