@@ -161,6 +161,27 @@ def _ref64(q, k_part, v_part, scale, starts, counts):
     return torch.matmul(p, vp), lse, s
 
 
+def _ref64_causal(q, k_part, v_part, scale, starts, cnts, newr, lq):
+    """:func:`_ref64` with the last ``newr`` rows of each head seen by query token ``i`` (``m % lq``) only up to row
+    ``i`` (decode of several tokens at once)."""
+    o64, l64, s64 = _ref64(q, k_part, v_part, scale, starts, cnts)
+    if not newr:
+        return o64, l64, s64
+    H, M, d = q.shape
+    nmax = max(cnts)
+    col = torch.arange(nmax, device=q.device)
+    seen = torch.stack([(col - (c - newr))[None, :] <= (torch.arange(M, device=q.device) % lq)[:, None]
+                        for c in cnts])
+    s64 = s64.masked_fill(~seen, float("-inf"))
+    l64 = torch.logsumexp(s64, -1)
+    vf = dispatch.dequant_reference(v_part).double()
+    vo = dispatch._offsets(v_part.counts)
+    vp = torch.zeros(H, nmax, d, dtype=torch.float64, device=q.device)
+    for h in range(H):
+        vp[h, :cnts[h]] = vf[vo[h] + starts[h]:vo[h] + starts[h] + cnts[h]]
+    return torch.matmul(torch.exp(s64 - torch.where(torch.isfinite(l64), l64, 0).unsqueeze(-1)), vp), l64, s64
+
+
 def _make(fmt, counts, d, bits, group, dtype, g, outliers):
     n = sum(counts)
     if fmt == "D":
@@ -453,19 +474,7 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
                     [vo[h] + starts[h] for h in range(H)], cnts, nsplit=7, newr=newr, device=DEV)
     assert plan.uniform == uniform
     q = _randn(H, M, d, g=g, dtype=dtype, scale=1 if amp == 1 else 0.5 / amp)
-    o64, l64, s64 = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
-    if newr:  # query token i (m % lq) sees new row j (of the last newr) only if j <= i
-        nmax = max(cnts)
-        col = torch.arange(nmax, device=DEV)
-        seen = torch.stack([(col - (c - newr))[None, :] <= (torch.arange(M, device=DEV) % lq)[:, None]
-                            for c in cnts])
-        s64 = s64.masked_fill(~seen, float("-inf"))
-        l64 = torch.logsumexp(s64, -1)
-        vf = dispatch.dequant_reference(v_part).double()
-        vp = torch.zeros(H, nmax, d, dtype=torch.float64, device=DEV)
-        for h in range(H):
-            vp[h, :cnts[h]] = vf[vo[h] + starts[h]:vo[h] + starts[h] + cnts[h]]
-        o64 = torch.matmul(torch.exp(s64 - torch.where(torch.isfinite(l64), l64, 0).unsqueeze(-1)), vp)
+    o64, l64, s64 = _ref64_causal(q, k_part, v_part, d ** -0.5, starts, cnts, newr, lq)
     scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
     out, lse = attend_pairs(q, [plan], d ** -0.5, scores, lq)
     assert taken, "the Gluon kernel was not used"
@@ -553,27 +562,6 @@ def test_bench_qaq_rows_are_qaqs_storage():
     assert p.out_idx.numel() >= 20
     sidx, _, _, delta = dispatch.outlier_csr(p)
     assert bool((delta != 0).all()) and float(delta.abs().mean()) > 1  # statistics over the rest, not the extremes
-
-
-def _ref64_causal(q, k_part, v_part, scale, starts, cnts, newr, lq):
-    """:func:`_ref64` with the last ``newr`` rows of each head seen by query token ``i`` (``m % lq``) only up to row
-    ``i`` (decode of several tokens at once)."""
-    o64, l64, s64 = _ref64(q, k_part, v_part, scale, starts, cnts)
-    if not newr:
-        return o64, l64, s64
-    H, M, d = q.shape
-    nmax = max(cnts)
-    col = torch.arange(nmax, device=q.device)
-    seen = torch.stack([(col - (c - newr))[None, :] <= (torch.arange(M, device=q.device) % lq)[:, None]
-                        for c in cnts])
-    s64 = s64.masked_fill(~seen, float("-inf"))
-    l64 = torch.logsumexp(s64, -1)
-    vf = dispatch.dequant_reference(v_part).double()
-    vo = dispatch._offsets(v_part.counts)
-    vp = torch.zeros(H, nmax, d, dtype=torch.float64, device=q.device)
-    for h in range(H):
-        vp[h, :cnts[h]] = vf[vo[h] + starts[h]:vo[h] + starts[h] + cnts[h]]
-    return torch.matmul(torch.exp(s64 - torch.where(torch.isfinite(l64), l64, 0).unsqueeze(-1)), vp), l64, s64
 
 
 @gpu_only
