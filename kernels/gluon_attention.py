@@ -196,11 +196,18 @@ V_FS2: gl.constexpr = gl.constexpr(dequant_constants(2)[1])
 V_FB2: gl.constexpr = gl.constexpr(-dequant_constants(2)[2])
 V_FS4: gl.constexpr = gl.constexpr(dequant_constants(4)[1])
 V_FB4: gl.constexpr = gl.constexpr(-dequant_constants(4)[2])
+V_FS3: gl.constexpr = gl.constexpr(dequant_constants(3)[1])
+V_FB3: gl.constexpr = gl.constexpr(-dequant_constants(3)[2])
+# 3-bit value words: bytes 1-2 of each of the two tokens' words (bits 8-23), so code 5 (bits 15-17, across the
+# halves) sits at bits 7-9 of each half: the fp16 position of a 3-bit code, no rotation needed
+MERGE_MID: gl.constexpr = gl.constexpr("prmt.b32 $0, $2, $3, 0x6521;\nmov.b32 $1, $0;")
 MERGE_SEL: gl.constexpr = gl.constexpr("prmt.b32 $0, $2, $3, $4;\nmov.b32 $1, $0;")
 DEQK2: gl.constexpr = gl.constexpr(_deq_asm(2, True))
 DEQK4: gl.constexpr = gl.constexpr(_deq_asm(4, True))
 DEQV2: gl.constexpr = gl.constexpr(_deq_asm(2, False))
 DEQV4: gl.constexpr = gl.constexpr(_deq_asm(4, False))
+DEQV3: gl.constexpr = gl.constexpr(_deq_asm(3, False))
+DEQV3B: gl.constexpr = gl.constexpr(_deq_asm(3, False, True))
 PREP2: gl.constexpr = gl.constexpr(_prep_asm(2))
 PREP4: gl.constexpr = gl.constexpr(_prep_asm(4))
 DEQK2B: gl.constexpr = gl.constexpr(_deq_asm(2, True, True))
@@ -388,7 +395,9 @@ def _rot(j, BITS: gl.constexpr, BF16: gl.constexpr):
 def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr, BF16: gl.constexpr):
     """fp16 pairs from merged words (PTX of :func:`_deq_asm`). Keys: scale / zero pairs arrive as int32 words (two
     adjacent channels' fp16); values: as the two tokens' fp16 values (packed into one register by ``pack=2``)."""
-    if BF16:
+    if BITS == 3:  # TokenQuant only: scales as the values' (one per token)
+        ASM: gl.constexpr = DEQV3B if BF16 else DEQV3
+    elif BF16:
         ASM: gl.constexpr = (DEQK2B if BITS == 2 else DEQK4B) if KEY else (DEQV2B if BITS == 2 else DEQV4B)
     else:
         ASM: gl.constexpr = (DEQK2 if BITS == 2 else DEQK4) if KEY else (DEQV2 if BITS == 2 else DEQV4)
@@ -500,6 +509,8 @@ TSC: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
 def tok_key_channel(k: int, bits: int) -> int:
     """Physical channel of the MMA's reduction index ``k = 8 f + 2 a + e`` for TokenQuant keys (the queries are
     loaded in this order; :func:`_tok_key_layout`)."""
+    if bits == 3:
+        return tok3_key_channel(k)
     kper = 32 // bits
     half = kper // 2
     f, a, e = k // 8, (k // 2) % 4, k % 2
@@ -509,10 +520,181 @@ def tok_key_channel(k: int, bits: int) -> int:
 @gluon.jit
 def _tok_channel(k, BITS: gl.constexpr):
     """:func:`tok_key_channel` in the kernel."""
-    KPER: gl.constexpr = 32 // BITS
-    HALF: gl.constexpr = KPER // 2
     f = k // 8
-    return 32 * ((k // 2) % 4) + KPER * (f // HALF) + f % HALF + HALF * (k % 2)
+    if BITS == 3:
+        a = (k // 2) % 4
+        e = k % 2
+        ch = gl.where(f < 15, 30 * a + 10 * (f // 5) + f % 5 + 5 * e, 120 + a + 4 * e)
+    else:
+        KPER: gl.constexpr = 32 // BITS
+        HALF: gl.constexpr = KPER // 2
+        ch = 32 * ((k // 2) % 4) + KPER * (f // HALF) + f % HALF + HALF * (k % 2)
+    return ch
+
+
+# ---- 3-bit parts (QAQ's 3-bit tokens, MiKV's default): 10 codes per word at bits 3j, 13 words per row of 128 -------
+# Keys (one scale per token): lane a holds words 3a, 3a+1, 3a+2 of each token (30 channels) and codes a, a+4 of word
+# 12. Each word is spread once (codes 0-4 stay at bits 0-14, codes 5-9 move up one bit to 16-30), so pair
+# (j, j + 5) sits 16 bits apart like a 2- or 4-bit pair (one rotation); word 12 is shifted by 3a and its code a + 4
+# moved to bit 16. Values (pairs are two tokens of one channel; output row 8t + r is channel v3_channel(t, r)): lane
+# row r holds word r (10 channels), half of word 8 + r // 2 (5 channels) and code r of word 12; the two tokens' words
+# are merged by prmt into low halves (codes 0-4), bytes 1-2 (code 5, which crosses the halves) and high halves
+# (codes 6-9), the extra channels first into one word per token (5 codes at bits 0-14, word 12's at bit 16).
+def tok3_key_channel(k: int) -> int:
+    """Physical channel of the reduction index ``k = 8 f + 2 a + e`` of 3-bit TokenQuant keys: codes ``j`` (e = 0)
+    and ``j + 5`` (e = 1) of word ``3 a + f // 5`` for ``f < 15``, codes ``a`` and ``a + 4`` of word 12 for
+    ``f = 15``."""
+    f, a, e = k // 8, (k // 2) % 4, k % 2
+    return 30 * a + 10 * (f // 5) + f % 5 + 5 * e if f < 15 else 120 + a + 4 * e
+
+
+def v3_channel(t: int, r: int) -> int:
+    """Physical channel of output row ``8 t + r`` for 3-bit values: word ``r``'s code ``t`` (t < 10), code
+    ``5 (r % 2) + t - 10`` of word ``8 + r // 2`` (t < 15), code ``r`` of word 12 (t = 15)."""
+    if t < 10:
+        return 10 * r + t
+    if t < 15:
+        return 80 + 10 * (r // 2) + 5 * (r % 2) + t - 10
+    return 120 + r
+
+
+def v3_source(t: int) -> tuple[str, int]:
+    """Where the pair of row ``t`` of a lane's 3-bit value rows sits: the merged word (``lo``, ``mid``, ``hi`` of word
+    r; ``nlo``, ``nhi`` of the per-token extra word) and the bit of its code within each half."""
+    if t < 5:
+        return "lo", 3 * t
+    if t == 5:
+        return "mid", 7
+    if t < 10:
+        return "hi", 3 * t - 16
+    if t < 15:
+        return "nlo", 3 * (t - 10)
+    return "nhi", 0
+
+
+def spread3(w: int) -> int:
+    """A 3-bit key word with codes 5-9 moved up one bit (to 16-30): pairs ``(j, j + 5)`` 16 bits apart."""
+    return (w & 0x7FFF) | ((w << 1) & 0x7FFF0000)
+
+
+def extra3(w_half: int, w12: int, r: int) -> int:
+    """A lane row's extra 3-bit value word of one token: codes ``5 (r % 2) ..`` of word ``8 + r // 2`` at bits 0-14,
+    code ``r`` of word 12 at bit 16 (other bits are not read)."""
+    return ((w_half >> (15 * (r % 2))) & 0xFFFF) | (((w12 >> (3 * r)) << 16) & 0xFFFFFFFF)
+
+
+@gluon.jit
+def _v3_channel(oc):
+    """:func:`v3_channel` of accumulator rows ``oc`` in the kernel."""
+    t = oc // 8
+    r = oc % 8
+    return gl.where(t < 10, 10 * r + t, gl.where(t < 15, 80 + 10 * (r // 2) + 5 * (r % 2) + t - 10, 120 + r))
+
+
+@gluon.jit
+def _merge_mid(w, L3: gl.constexpr):
+    """Words ``[.., 2]`` -> bytes 1-2 of each (:data:`MERGE_MID`) ``[..]``."""
+    m = gl.inline_asm_elementwise(MERGE_MID, "=r,=r,r,r", [w], dtype=gl.int32, is_pure=True, pack=2)
+    lo, _ = gl.split(m)
+    return gl.convert_layout(lo, L3, assert_trivial=True)
+
+
+# a lane's 3-bit key words of its two tokens [2 h, 8 r, 4 a, 4 w]: words 3a, 3a+1, 3a+2 and 12 (w in registers, the
+# lowest register bits, so two splits give the four words)
+KW3: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [1, 0, 0, 0]], lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0],
+                                                                      [0, 2, 0, 0], [0, 4, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 8, 4, 4]))
+
+
+@gluon.jit
+def _k5_of(x):
+    """``[2 h, 8 r, 4 a]`` (:data:`TSC`) broadcast to :data:`K5` ``[2, 8, 16, 4, 2]``."""
+    y = gl.convert_layout(x, gl.SliceLayout(2, gl.SliceLayout(4, K5)), assert_trivial=True)
+    y = gl.expand_dims(gl.expand_dims(y, 2), 4)
+    return gl.broadcast(y, gl.full([2, 8, 16, 4, 2], 0, gl.int32, layout=K5))[0]
+
+
+@gluon.jit
+def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
+    """fp16 (bf16) 3-bit TokenQuant key chunk ``[16 tokens, 128 channels]`` (A operand, channels in the order of
+    :func:`tok3_key_channel`) from the words ``[2 h, 8 r, 4 a, 4 w]`` (:data:`KW3`) and scales / zeros of
+    :func:`_tok_key_load`."""
+    e0, e1 = gl.split(gl.reshape(wd, [2, 8, 4, 2, 2]))  # words (0, 2), (1, 3)
+    w0, w2 = gl.split(e0)
+    w1, w3 = gl.split(e1)
+    _, _, aa = _idx3(TSC, 2, 8, 4)
+    w3 = gl.convert_layout(w3, TSC, assert_trivial=True) >> (3 * aa)
+    x3 = (w3 & 0xFFFF) | ((w3 << 4) & -65536)  # code a at bit 0, code a + 4 at bit 16
+    x0 = _k5_of((w0 & 0x7FFF) | ((w0 << 1) & 0x7FFF0000))  # spread3
+    x1 = _k5_of((w1 & 0x7FFF) | ((w1 << 1) & 0x7FFF0000))
+    x2 = _k5_of((w2 & 0x7FFF) | ((w2 << 1) & 0x7FFF0000))
+    ff = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
+    ff = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(ff, 0), 1), 3), 4) + gl.full(
+        [2, 8, 16, 4, 2], 0, gl.int32, layout=K5)
+    x = gl.where(ff < 5, x0, gl.where(ff < 10, x1, gl.where(ff < 15, x2, _k5_of(x3))))
+    MANT: gl.constexpr = 7 if BF16 else 10
+    sh = (MANT - 3 - gl.where(ff < 15, 3 * (ff % 5), 0) + 32) % 32
+    sp = sc * V_FS3
+    if BF16:  # the magic is subtracted in _deq (exact), so the bias is the zero itself
+        bz = zr
+    else:
+        bz = zr - sp * V_FB3
+    SL: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(4, K5))
+    sp = gl.expand_dims(gl.expand_dims(gl.convert_layout(sp, SL, assert_trivial=True), 2), 4)
+    bz = gl.expand_dims(gl.expand_dims(gl.convert_layout(bz, SL, assert_trivial=True), 2), 4)
+    y = _deq(x, sh, gl.broadcast(sp, x)[0], gl.broadcast(bz, x)[0], 3, False, BF16)
+    return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """fp16 (bf16) 3-bit value chunk ``V^T [128 channels, 16 tokens]`` of chunk ``i`` (output rows in the order of
+    :func:`v3_channel`); ``vptr``: each element's pointer to word ``r`` of its token at the tile's row 0."""
+    vr, _, _, _ = _idx4(V4, 8, 2, 4, 2)
+    p0 = vptr + 2 * i * 13
+    p1 = p0 + (8 + vr // 2 - vr)
+    p2 = p0 + (12 - vr)
+    if MASKED:
+        row = vrow0 + vrow_off + 2 * i
+        rm = (row >= 0) & (row < v_nrows)
+        sc = gl.load(sptr + 2 * i, mask=rm, other=0.0)
+        zr = gl.load(zptr + 2 * i, mask=rm, other=0.0)
+        w0 = gl.load(p0, mask=rm, other=0)
+        w1 = gl.load(p1, mask=rm, other=0)
+        w2 = gl.load(p2, mask=rm, other=0)
+    else:
+        sc = gl.load(sptr + 2 * i)
+        zr = gl.load(zptr + 2 * i)
+        w0 = gl.load(p0)
+        w1 = gl.load(p1)
+        w2 = gl.load(p2)
+    wn = ((w1 >> (15 * (vr % 2))) & 0xFFFF) | ((w2 >> (3 * vr)) << 16)  # extra3
+    zero5 = gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
+    S4: gl.constexpr = gl.SliceLayout(3, V4)
+    lo0, hi0 = _merge(w0, V3)
+    mid0 = _merge_mid(w0, V3)
+    lon, hin = _merge(wn, V3)
+    lo0 = gl.expand_dims(gl.expand_dims(gl.convert_layout(lo0, S4, assert_trivial=True), 3), 0) + zero5
+    hi0 = gl.expand_dims(gl.expand_dims(gl.convert_layout(hi0, S4, assert_trivial=True), 3), 0) + zero5
+    mid0 = gl.expand_dims(gl.expand_dims(gl.convert_layout(mid0, S4, assert_trivial=True), 3), 0) + zero5
+    lon = gl.expand_dims(gl.expand_dims(gl.convert_layout(lon, S4, assert_trivial=True), 3), 0) + zero5
+    hin = gl.expand_dims(gl.expand_dims(gl.convert_layout(hin, S4, assert_trivial=True), 3), 0) + zero5
+    tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
+    tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
+    x = gl.where(tt < 5, lo0, gl.where(tt == 5, mid0, gl.where(tt < 10, hi0, gl.where(tt < 15, lon, hin))))
+    pos = gl.where(tt < 5, 3 * tt, gl.where(tt == 5, 7, gl.where(tt < 10, 3 * tt - 16,
+                                                                 gl.where(tt < 15, 3 * (tt - 10), 0))))  # v3_source
+    MANT: gl.constexpr = 7 if BF16 else 10
+    sh = (MANT - 3 - pos + 32) % 32
+    sp = sc * V_FS3
+    s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
+    if BF16:
+        z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
+    else:
+        z5 = gl.broadcast(gl.expand_dims(zr - sp * V_FB3, 0), x)[0]
+    y = _deq(x, sh, s5, z5, 3, False, BF16)
+    return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
 
 @gluon.jit
@@ -520,9 +702,10 @@ def _tok_key_load(k_data, k_scale, k_zero, T, k_nrows, kw_tok, kw_off, ks_tok, k
                   K_GROUP: gl.constexpr, MASKED: gl.constexpr):
     """A chunk's TokenQuant key words ``[2 h, 8 r, NW w, 4 a]`` (each lane its ``NW`` words of tokens ``T + 8 r + h``)
     and their scales and zeros ``[2 h, 8 r, 4 a]`` (the lane's group)."""
+    WPR: gl.constexpr = (128 + KPER - 1) // KPER  # words per row (13 at 3 bits)
     tw = T + kw_tok
     ts = T + ks_tok
-    wp = k_data + (tw * (128 // KPER) + kw_off)
+    wp = k_data + (tw * WPR + kw_off)
     sp = ts * (128 // K_GROUP) + ks_off
     if MASKED:
         wd = gl.load(wp, mask=tw < k_nrows, other=0)
@@ -721,7 +904,10 @@ def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexp
     """Key chunk ``i`` of a half tile as the A operand: TokenQuant from the chunk's words (``wk, sk, zk``),
     ChannelQuant from the half's merged words (``klo, khi, ksc, kzr``)."""
     if K_TOK:
-        ka = _tok_kchunk(wk, sk, zk, K_BITS, BF16)
+        if K_BITS == 3:
+            ka = _tok3_kchunk(wk, sk, zk, BF16)
+        else:
+            ka = _tok_kchunk(wk, sk, zk, K_BITS, BF16)
     else:
         ka = _kchunk(klo, khi, ksc, kzr, i, K_BITS, 32 // K_BITS, BF16)
     return ka
@@ -763,7 +949,10 @@ def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_B
     # B fragment of P^T with the last two axes swapped
     pb = gl.reshape(gl.permute(gl.reshape(pt, [2, 8, 8]), (0, 2, 1)), [16, 8])
     pb = gl.convert_layout(pb, B_L, assert_trivial=True)
-    va_ = _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, V_BITS, VPER, V_GROUP, MASKED, BF16)
+    if V_BITS == 3:
+        va_ = _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, MASKED, BF16)
+    else:
+        va_ = _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, V_BITS, VPER, V_GROUP, MASKED, BF16)
     return mma_v2(va_, pb, acc)
 
 
@@ -830,7 +1019,7 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
         ksc, kzr = _prep_key(ksc, kzr, K_BITS, BF16)
         T8 = T0 + HOFF * w
     vrow0 = T8 - kbeg + vbeg
-    vptr = v_data + (vrow0 * (128 // VPER) + vw_off)
+    vptr = v_data + (vrow0 * ((128 + VPER - 1) // VPER) + vw_off)
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
     zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
     s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
@@ -1011,10 +1200,14 @@ def _kivi_attn_kernel(
     if K_TOK:
         # TokenQuant keys (_tok_key_load): words [2 h, 8 r, NW w, 4 a] of token 8 r + h, lane a's words; scales and
         # zeros [2 h, 8 r, 4 a]: lane a's group
-        NWK: gl.constexpr = 32 // KPER
-        wh, wr, ww, wa = _idx4(_tok_word_layout(KPER), 2, 8, NWK, 4)
+        if K_BITS == 3:  # words 3a, 3a + 1, 3a + 2 and 12 ([2 h, 8 r, 4 a, 4 w], _tok3_kchunk)
+            wh, wr, wa, ww = _idx4(KW3, 2, 8, 4, 4)
+            kc_off = gl.where(ww < 3, 3 * wa + ww, 12)
+        else:
+            NWK: gl.constexpr = 32 // KPER
+            wh, wr, ww, wa = _idx4(_tok_word_layout(KPER), 2, 8, NWK, 4)
+            kc_off = NWK * wa + ww
         krow_w = 8 * wr + wh
-        kc_off = NWK * wa + ww
         sh_, sr_, sa_ = _idx3(TSC, 2, 8, 4)
         krow_l = 8 * sr_ + sh_
         ks_off = (32 * sa_) // K_GROUP
@@ -1031,7 +1224,8 @@ def _kivi_attn_kernel(
         k_zero2 = k_zero.to(gl.pointer_type(gl.int32), bitcast=True)
     vr, vh, va, ve = _idx4(V4, 8, 2, 4, 2)
     vrow_off = 2 * RUN * va + (RUN * ve + vh)  # value row (minus 2 i) of each element of a chunk
-    vw_off = (2 * RUN * va * (128 // VPER) + vr * (16 // VPER)) + (RUN * ve + vh) * (128 // VPER)
+    VW: gl.constexpr = (128 + VPER - 1) // VPER  # words per value row (13 at 3 bits: lane row r starts at word r)
+    vw_off = (2 * RUN * va * VW + vr * (16 // VPER)) + (RUN * ve + vh) * VW
     vs_off = (2 * RUN * va * (128 // V_GROUP) + (16 * vr) // V_GROUP) + (RUN * ve + vh) * (128 // V_GROUP)
     rows = gl.arange(0, 16, layout=ROW_L)
     trow = RUN * (rows % 8) + rows // 8  # physical token (minus T8 + 2 i) of each score row of a chunk
@@ -1120,7 +1314,10 @@ def _kivi_attn_kernel(
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     orow = (hd * S_TOTAL + SPLIT_OFF + sp) * M + qcol
     oc = gl.arange(0, 128, layout=ROW_L)
-    pc = 16 * (oc % 8) + oc // 8
+    if V_BITS == 3:
+        pc = _v3_channel(oc)
+    else:
+        pc = 16 * (oc % 8) + oc // 8
     gl.store(out_ptr + gl.expand_dims(orow, 0).to(gl.int64) * 128 + gl.expand_dims(pc, 1), out,
              mask=gl.expand_dims(qcol < M, 0) & gl.expand_dims(pc < 128, 1))
     gl.store(lse_ptr + orow, lse, mask=qcol < M)
@@ -1129,7 +1326,7 @@ def _kivi_attn_kernel(
 MAX_SLOTS = 4  # outlier slots per row the kernel takes (QAQ's default keeps 2 per row of 128 channels)
 
 
-def outlier_slots(spec) -> torch.Tensor | None:
+def outlier_slots(spec, value: bool = False) -> torch.Tensor | None:
     """A TokenQuant part's outliers as fixed slots, ``[planes, rows, 2]`` int32: a row's first two outliers in plane
     0, a third and fourth (QAQ keeps 3 where a row ties at an extreme, 0.2% of rows) in plane 1, which exists only
     when some row has them; the sign bit of a row's first slot says that it has. A slot holds the byte offset of the
@@ -1137,10 +1334,12 @@ def outlier_slots(spec) -> torch.Tensor | None:
     of ``value - dequantized code`` in the cache dtype (the CSR's delta, rounded once; bits 0-15); empty slots 0.
     ``None`` without outliers, when a row has more than :data:`MAX_SLOTS`, when a delta overflows the 16-bit
     format, when an index repeats or when the outliers are not on the codes' device. Built once per outlier tensor
-    from the part's CSR and cached on the part, like the CSR."""
+    from the part's CSR and cached on the part, like the CSR. ``value``: the part is a pair's values (a 3-bit value
+    part's channels sit at other accumulator rows, :func:`out_row`); key slots index the scaled queries, which are
+    kept in the 2/4-bit value order."""
     if not spec.has_out or spec.odelta is None:
         return None
-    return _slot_cache(spec)[0]
+    return _slot_cache(spec, value)[0]
 
 
 def outlier_fix(spec) -> float:
@@ -1149,23 +1348,30 @@ def outlier_fix(spec) -> float:
     tile's sum per output element (at most 64 tokens, one outlier per channel and row: repeated indices are refused)
     at most ``2^30``; each product is rounded by at most ``2^-(k+1) <= 2^-24 max |delta|`` (after the float32
     product's own rounding). 1.0 without outliers."""
-    return _slot_cache(spec)[1]
+    return _slot_cache(spec, True)[1]
 
 
-def out_row(c: int):
+def out_row(c, bits: int = 2):
     """The accumulator row ``O^T [128, 8]`` that holds output channel ``c`` (the value chunk's channel order, module
-    docstring): ``8 (c % 16) + c // 16``; works on int tensors too."""
-    return 8 * (c % 16) + c // 16
+    docstring): ``8 (c % 16) + c // 16``, for 3-bit values the inverse of :func:`v3_channel`; works on int tensors
+    too."""
+    if bits != 3:
+        return 8 * (c % 16) + c // 16
+    u = c - 80
+    r = (c < 80) * (c // 10) + ((c >= 80) & (c < 120)) * (2 * (u // 10) + (u % 10) // 5) + (c >= 120) * (c - 120)
+    t = (c < 80) * (c % 10) + ((c >= 80) & (c < 120)) * (10 + u % 5) + (c >= 120) * 15
+    return 8 * t + r
 
 
-def _slot_cache(spec) -> tuple:
+def _slot_cache(spec, value: bool = False) -> tuple:
     """(slots, fixed-point factor) of a part, built once per outlier tensor and cached on the part."""
     if not spec.has_out or spec.odelta is None or spec.scale.dtype not in (torch.float16, torch.bfloat16):
         return None, 1.0
     part = spec.part
+    order = 3 if (value and spec.bits == 3) else 2  # the accumulator-row order of the slots' channels
     cached = getattr(part, "_gluon_slots", None)
-    if cached is not None and cached[0] is spec.oidx:
-        return cached[1]
+    if cached is not None and cached[0] is spec.oidx and order in cached[1]:
+        return cached[1][order]
     sidx, ptr = spec.oidx.long(), spec.optr.long()
     delta = spec.odelta.to(spec.scale.dtype)
     # one host sync: the most outliers in a row, whether every delta fits the 16-bit format, and repeated indices
@@ -1179,7 +1385,7 @@ def _slot_cache(spec) -> tuple:
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
         bits = delta.view(torch.int16).to(torch.int32) & 0xFFFF
         ell = torch.zeros(planes, spec.nrows, 2, dtype=torch.int32, device=sidx.device)
-        ell[pos // 2, row, pos % 2] = ((out_row(ch).to(torch.int32) * 32) << 16) | bits
+        ell[pos // 2, row, pos % 2] = ((out_row(ch, order).to(torch.int32) * 32) << 16) | bits
         if planes == 2:  # rows with a third or fourth outlier: the sign bit of their first slot says so
             extra = (ptr[1:] - ptr[:-1]) > 2
             ell[0, :, 0] |= torch.where(extra, torch.tensor(-(1 << 31), dtype=torch.int32, device=sidx.device), 0)
@@ -1187,18 +1393,19 @@ def _slot_cache(spec) -> tuple:
         if most_abs > 0:
             fix = 2.0 ** min(24 - math.ceil(math.log2(most_abs)), 100)
     try:
-        object.__setattr__(part, "_gluon_slots", (spec.oidx, (ell, fix)))
+        built = cached[1] if cached is not None and cached[0] is spec.oidx else {}
+        object.__setattr__(part, "_gluon_slots", (spec.oidx, {**built, order: (ell, fix)}))
     except (AttributeError, TypeError):
         pass
     return ell, fix
 
 
-def _slots_of(spec) -> int:
+def _slots_of(spec, value: bool) -> int:
     """The kernel's outlier variant for a part: 0 without outliers, else 4 (up to 4 slots per row: the second plane
     behind a warp-uniform branch). One variant whether or not the part has a second plane: compiled with that branch,
     ptxas schedules the chunks without spills (160 registers at 4 bits, against 168 and 272 bytes of spills for the
     branch-free 2-slot kernel), and no slot count compiles a kernel of its own in the middle of a decode."""
-    return 0 if outlier_slots(spec) is None else 4
+    return 0 if outlier_slots(spec, value) is None else 4
 
 
 def pair_fits(k, v) -> bool:
@@ -1207,7 +1414,9 @@ def pair_fits(k, v) -> bool:
 
     # outliers: TokenQuant keys and values with at most MAX_SLOTS per row (the value corrections' shared buffer needs
     # the unstaged kernel, which TokenQuant keys get); looked at last (it builds the slots)
-    return (ENABLED and v.fmt == TOKEN and k.bits in (2, 4) and v.bits in (2, 4)
+    # 3 bits: one scale per row (QAQ's parts, MiKV's low-precision tokens), TokenQuant keys
+    return (ENABLED and v.fmt == TOKEN and (k.bits in (2, 4) or (k.bits == 3 and k.fmt == TOKEN and k.group == 128))
+            and (v.bits in (2, 4) or (v.bits == 3 and v.group == 128))
             and k.data.dtype == torch.int32 and v.data.dtype == torch.int32 and k.d == 128 and v.d == 128
             and ((k.fmt == CHANNEL and k.group in (16, 32, 64, 128)) or (k.fmt == TOKEN and k.group in (32, 64, 128)))
             and v.group % 16 == 0 and v.group <= 128
@@ -1217,7 +1426,7 @@ def pair_fits(k, v) -> bool:
             and all(t.is_contiguous() for t in (k.data, k.scale, k.zero, v.data, v.scale, v.zero))
             # ChannelQuant scale / zero pairs are read as int32 words
             and (k.fmt != CHANNEL or (k.scale.data_ptr() % 4 == 0 and k.zero.data_ptr() % 4 == 0))
-            and all(not sp.has_out or (k.fmt == TOKEN and outlier_slots(sp) is not None) for sp in (k, v)))
+            and all(not sp.has_out or (k.fmt == TOKEN and outlier_slots(sp, sp is v) is not None) for sp in (k, v)))
 
 
 @functools.cache
@@ -1248,8 +1457,8 @@ def _consts(plan, want_scores: bool) -> dict:
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits, tok),
                 DYNAMIC=plan.counters is not None and dynamic_enabled(),
-                BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok, K_OUT=_slots_of(plan.k),
-                V_OUT=_slots_of(plan.v), num_warps=1, maxnreg=MAXNREG)
+                BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok, K_OUT=_slots_of(plan.k, False),
+                V_OUT=_slots_of(plan.v, True), num_warps=1, maxnreg=MAXNREG)
 
 
 def key_tokenquant(kspec) -> bool:
@@ -1302,7 +1511,7 @@ def resident_programs(plan) -> int:
             plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, meta, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
             2, 2, 1.0, torch.int32, torch.int32, torch.int32, 1.0, grid=(1,), **_consts(plan, False))
-        _check_smem(kern, _slots_of(plan.k) + _slots_of(plan.v) > 0)
+        _check_smem(kern, _slots_of(plan.k, False) + _slots_of(plan.v, True) > 0)
         kern._init_handles()
         regs = max(int(kern.n_regs), 1)
         # each of the 4 schedulers of an SM owns a quarter of the register file (16K): a warp needs
@@ -1324,7 +1533,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
             plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
             plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
             s_total, plan.nsplit, float(scale), plan.counters if plan.counters is not None else plan.k.data,
-            _ell_arg(plan.k), _ell_arg(plan.v), outlier_fix(plan.v))
+            _ell_arg(plan.k, False), _ell_arg(plan.v, True), outlier_fix(plan.v))
     if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
         key = tuple(consts.items())
         if key not in _CHECKED:
@@ -1336,9 +1545,9 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
 _CHECKED: set = set()
 
 
-def _ell_arg(spec) -> torch.Tensor:
+def _ell_arg(spec, value: bool) -> torch.Tensor:
     """A part's outlier slots, or any int32 tensor when it has none (not read)."""
-    ell = outlier_slots(spec)
+    ell = outlier_slots(spec, value)
     return spec.data if ell is None else ell
 
 

@@ -96,10 +96,12 @@ def test_plan_cache_holds_only_live_parts(spec):
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group=32,residual=32", "kivi:bits=4,group=32,residual=32",
                                   "qaq:attention=false,bits=4,outliers=0", "qaq:attention=false,bits=2,outliers=0",
                                   "qaq:attention=false,bits=4", "qaq:attention=false,bits=2",
-                                  "mikv:lo_bits=2,budget=0.5", "mikv:lo_bits=4,budget=0.25,hi_bits=8"])
+                                  "mikv:lo_bits=2,budget=0.5", "mikv:lo_bits=4,budget=0.25,hi_bits=8",
+                                  "qaq:attention=false,bits=3", "mikv:budget=0.5", "qaq:n_min=2"])
 def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
     """A head-dim-128 fp16 KIVI cache (ChannelQuant keys), QAQ cache with or without its outliers (each row's
-    extremes at the default ratio) or MiKV cache (TokenQuant keys: its low-precision tokens) decodes through the
+    extremes at the default ratio; 2, 3 or 4 bits, or its attention-aware mix of 2-4 bits) or MiKV cache (TokenQuant
+    keys: its low-precision tokens, 3 bits by default) decodes through the
     Gluon kernel (checked) with the reference path's logits (fp16 tolerance), and 40 more decode steps over the
     growing cache do not compile it again (but for a new outlier variant)."""
     from kernels import gluon_attention as ga
@@ -119,6 +121,8 @@ def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
     assert taken, "the Gluon kernel was not used"
     if spec.startswith("qaq") and "outliers=0" not in spec:  # QAQ's outliers went through the kernel's outlier path
         assert any(dict(c)["K_OUT"] > 0 and dict(c)["V_OUT"] > 0 for c in variants), variants
+    if "bits=3" in spec or spec == "mikv:budget=0.5":  # 3-bit parts (MiKV's default) on the kernel
+        assert any(dict(c)["K_BITS"] == 3 and dict(c)["V_BITS"] == 3 for c in variants), variants
     err = float((out["triton"] - out["reference"]).norm() / out["reference"].norm())
     assert err < 1e-2, err
     caches = getattr(ga._kivi_attn_kernel, "device_caches", None)

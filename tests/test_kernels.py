@@ -437,7 +437,12 @@ def test_launch_config_by_pair_kind():
     ("T", 2, 2, 32, 32, 4, 1, False, True, 0, 1, F16), ("T", 4, 4, 128, 128, 8, 1, True, False, 0, 1, F16),
     ("T", 2, 4, 64, 16, 1, 1, False, False, 0, 1, F16), ("T", 4, 2, 32, 128, 4, 2, False, True, 3, 1, F16),
     ("T", 2, 2, 128, 32, 8, 4, True, True, 5, 1e-4, F16), ("T", 4, 4, 32, 32, 4, 1, False, False, 0, 4e-4, F16),
-    ("T", 2, 4, 128, 64, 8, 1, False, True, 0, 1, BF16), ("T", 4, 2, 64, 32, 4, 2, True, False, 3, 1e-4, BF16)])
+    ("T", 2, 4, 128, 64, 8, 1, False, True, 0, 1, BF16), ("T", 4, 2, 64, 32, 4, 2, True, False, 3, 1e-4, BF16),
+    # 3 bits (one scale per row: QAQ's parts, MiKV's low-precision tokens), next to 2/4-bit and ChannelQuant keys
+    ("T", 3, 3, 128, 128, 8, 1, False, True, 0, 1, F16), ("T", 3, 2, 128, 32, 4, 2, True, False, 3, 1, F16),
+    ("T", 2, 3, 64, 128, 4, 1, False, True, 5, 1, F16), ("T", 4, 3, 128, 128, 8, 4, True, True, 5, 1e-4, F16),
+    ("C", 2, 3, 32, 128, 4, 1, False, True, 0, 1, F16), ("C", 4, 3, 64, 128, 8, 1, True, False, 3, 1, BF16),
+    ("T", 3, 3, 128, 128, 8, 1, False, True, 0, 1, BF16), ("T", 3, 4, 128, 64, 4, 2, False, False, 0, 1e-4, BF16)])
 def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch,
                                     gluon_strict):
     """The Gluon kernel for packed 2/4-bit pairs (taken and not switched off: checked) against float64: ragged heads
@@ -569,7 +574,10 @@ def test_bench_qaq_rows_are_qaqs_storage():
     (4, 4, 128, 128, 8, 1, True, False, 0, 2, 2, F16, False), (2, 2, 128, 128, 4, 1, False, True, 0, 2, 2, F16, False),
     (4, 2, 32, 32, 8, 2, False, True, 3, 1, 4, F16, False), (2, 4, 64, 16, 1, 1, True, False, 0, 3, 0, F16, True),
     (4, 4, 128, 32, 4, 4, False, True, 5, 0, 2, F16, False), (2, 2, 32, 128, 8, 1, False, False, 0, 4, 1, F16, False),
-    (4, 4, 128, 128, 8, 1, False, True, 0, 2, 2, BF16, True), (2, 4, 64, 32, 4, 2, True, False, 3, 4, 3, BF16, False)])
+    (4, 4, 128, 128, 8, 1, False, True, 0, 2, 2, BF16, True), (2, 4, 64, 32, 4, 2, True, False, 3, 4, 3, BF16, False),
+    (3, 3, 128, 128, 8, 1, False, True, 0, 2, 2, F16, False), (3, 2, 128, 32, 4, 2, True, False, 3, 4, 3, F16, False),
+    (2, 3, 64, 128, 8, 1, False, True, 0, 3, 4, F16, True), (3, 3, 128, 128, 8, 4, False, False, 5, 2, 3, BF16, False),
+    (4, 3, 128, 128, 4, 1, True, True, 0, 0, 2, F16, False)])
 def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, k_most, v_most, dtype, static,
                                       monkeypatch, gluon_strict):
     """TokenQuant pairs with sparse outliers (up to ``k_most`` / ``v_most`` per row, rows with none among them:
@@ -659,8 +667,8 @@ def test_gluon_value_outliers_fixed_point_bound(gluon_strict):
 @gpu_only
 def test_gluon_scope_of_tokenquant_keys():
     """Which TokenQuant-key pairs the Gluon kernel takes: keys and values of 2 or 4 bits, key groups of 32, 64 or 128
-    channels, at most 4 outliers per row; group 16, 0/3/8-bit keys, 3-bit values, more outliers in a row and value
-    outliers next to ChannelQuant keys stay on Triton."""
+    channels, 3 bits with one scale per row (group 128), at most 4 outliers per row; group 16, 3 bits in smaller
+    groups, 0/8-bit keys, more outliers in a row and value outliers next to ChannelQuant keys stay on Triton."""
     from kernels import gluon_attention as ga
     from kernels.triton_tiles import PartSpec
 
@@ -679,6 +687,12 @@ def test_gluon_scope_of_tokenquant_keys():
     assert not ga.pair_fits(PartSpec(ck), PartSpec(v, dispatch.outlier_csr(v)))  # ChannelQuant keys: no outliers
     assert not any([fits(2, 16), fits(0, 32), fits(3, 32), fits(8, 32), fits(2, 32, vb=3), fits(2, 128, k_out=3000),
                     fits(4, 128, v_out=3000)])
+    # 3 bits with one scale per row (QAQ, MiKV), outliers too; ChannelQuant keys next to 3-bit values
+    v3 = _make("T", counts, d, 3, 128, torch.float16, g, 10)
+    for k in (_make("T", counts, d, 3, 128, torch.float16, g, 10), _make("T", counts, d, 2, 64, torch.float16, g, 0)):
+        assert ga.pair_fits(PartSpec(k, dispatch.outlier_csr(k)), PartSpec(v3, dispatch.outlier_csr(v3)))
+    assert ga.pair_fits(PartSpec(ck), PartSpec(_make("T", counts, d, 3, 128, torch.float16, g, 0)))
+    assert not fits(3, 64)
 
 
 @gpu_only
@@ -747,7 +761,8 @@ _BUILD = """
 import sys
 from kernels import gluon_attention as ga
 bf16, dynamic, tok, out = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] == "1", int(sys.argv[8])
-ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7]), 32, want_scores=sys.argv[3] == "1",
+vg = 128 if sys.argv[2] == "3" else 32
+ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7]), vg, want_scores=sys.argv[3] == "1",
                          bf16=bf16, dynamic=dynamic, k_tok=tok, k_out=out, v_out=out).asm["ptx"]
 t = "bf16" if bf16 else "f16"
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32",
@@ -756,7 +771,7 @@ if not tok:
     need += (f"mul.rn.{t}x2",)  # ChannelQuant key scale pairs prepared in the kernel
 if sys.argv[1] == "2" and not tok:
     need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
-if tok:  # a lane's words of a TokenQuant key in one load
+if tok and sys.argv[1] != "3":  # a lane's words of a TokenQuant key in one load (3 bits: four words apart)
     need += ("ld.global.v2.b32" if sys.argv[1] == "2" else "ld.global.v4.b32",)
 if sys.argv[2] == "4":
     need += ("ld.global.v2.b32",)  # a token's two 4-bit value words per lane in one load
@@ -777,7 +792,8 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
     (2, 4, False, False, False, False, 32, 0), (4, 4, False, True, True, False, 32, 0),
     (2, 2, True, True, False, False, 32, 0), (2, 2, True, False, True, True, 32, 0),
     (4, 2, False, True, False, True, 128, 0), (4, 4, False, False, True, True, 128, 4),
-    (2, 4, True, True, False, True, 64, 4)])
+    (2, 4, True, True, False, True, 64, 4), (3, 3, True, False, True, True, 128, 4),
+    (2, 3, False, True, False, False, 32, 0)])
 def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg, out):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
@@ -867,6 +883,17 @@ def _run_ptx(asm: str, regs: dict) -> dict:
         elif op == "shf.l.wrap.b32":  # funnel shift of (a, b) = rotation when a == b
             x, n = np.asarray(val(a[1]), dtype=np.uint64), np.asarray(val(a[3]), dtype=np.uint64) % 32
             regs[a[0]] = ((x << n | x >> ((32 - n) % 32)) & 0xFFFFFFFF).astype(np.uint32)
+        elif op == "prmt.b32":  # byte i of the result = byte (selector nibble i) of (b:a)
+            x = np.asarray(val(a[1]), dtype=np.uint64) | np.asarray(val(a[2]), dtype=np.uint64) << 32
+            sel = int(a[3], 0)
+            regs[a[0]] = sum(((x >> (8 * ((sel >> 4 * i) & 7))) & 0xFF) << (8 * i) for i in range(4)).astype(np.uint32)
+        elif op == "fma.rn.f16x2":  # exact in float64, one rounding
+            x = [np.asarray(val(t), dtype=np.uint32) for t in a[1:]]
+            hv = [[(xi >> (16 * k) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64) for k in (0, 1)]
+                  for xi in x]
+            out = [(hv[0][k] * hv[1][k] + hv[2][k]).astype(np.float16).view(np.uint16).astype(np.uint32)
+                   for k in (0, 1)]
+            regs[a[0]] = out[0] | out[1] << 16
         elif op == "lop3.b32":
             assert a[4] == "0xEA"  # (a & b) | c
             regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
@@ -915,6 +942,69 @@ def test_gluon_pair_dequant_bf16_rounds_once(bits):
                 assert np.array_equal(got, want), (key, j, half)
     biased = ga._deq_asm(bits, True, bf16=True).replace("sub.rn.bf16x2 t, t, k;", "")
     assert biased != ga._deq_asm(bits, True, bf16=True)  # the subtraction is in the kernel's string
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gluon_3bit_pairs_emulated(bf16):
+    """3-bit parts on the Gluon kernel, emulated on CPU for random words (10 codes per word, 13 per row): every lane's
+    fp16 (bf16) pairs, built as the kernel builds them (keys: words 3a .. 3a+2 spread so codes j and j + 5 sit 16
+    bits apart, word 12 shifted by 3a; values: the per-token extra word, then the prmt merges of the kernel's own
+    strings) and dequantized by the kernel's PTX string with its rotation, are the codes of the channels the
+    layouts name (``tok3_key_channel``, ``v3_channel``, both permutations of the 128 channels), in both halves."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    rng = np.random.default_rng(33 + bf16)
+    n = 64
+    codes = rng.integers(0, 8, (2, n, 128))
+    words = ref.pack(torch.from_numpy(codes), 3).numpy().astype(np.int64).astype(np.uint32)  # [2 tokens, n, 13]
+    assert words.shape == (2, n, 13)
+    mant = 7 if bf16 else 10
+    one = _bf16_bits(np.array([0.25]))[0] if bf16 else int(np.array([0.25], np.float16).view(np.uint16)[0])
+    if bf16:  # values' form: prepared scale s / 4, the zero itself (the magic is subtracted first)
+        sc, zr = np.uint32(one | one << 16), np.uint32(0)
+    else:  # s / 4 and the bias z - 2^3 s for s = 1, z = 0
+        b = int(np.array([-8.0], np.float16).view(np.uint16)[0])
+        sc, zr = np.uint32(one | one << 16), np.uint32(b | b << 16)
+    deq = ga._deq_asm(3, False, bf16)
+
+    def dequant(x, pos):
+        out = _run_ptx(deq, {"$1": x, "$2": x, "$3": np.uint32((mant - 3 - pos) % 32),
+                             "$4": np.uint32((mant - 3 - pos) % 32), "$5": sc, "$6": zr})["$0"]
+        if bf16:
+            return [_bf16_val(out >> (16 * k) & 0xFFFF) for k in (0, 1)]
+        return [(out >> (16 * k) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64) for k in (0, 1)]
+
+    keys = [ga.tok_key_channel(k, 3) for k in range(128)]
+    assert sorted(keys) == list(range(128))
+    w = words[0]
+    for a in range(4):
+        x12 = w[:, 12] >> np.uint32(3 * a)
+        x12 = (x12 & 0xFFFF) | ((x12 << np.uint32(4)) & 0xFFFF0000)
+        for f in range(16):
+            x = np.array([ga.spread3(int(v)) for v in w[:, 3 * a + f // 5]], dtype=np.uint32) if f < 15 else x12
+            lo, hi = dequant(x, 3 * (f % 5) if f < 15 else 0)
+            for e, half in ((0, lo), (1, hi)):
+                assert np.array_equal(half, codes[0, :, keys[8 * f + 2 * a + e]]), (a, f, e)
+    chans = [ga.v3_channel(t, r) for t in range(16) for r in range(8)]
+    assert sorted(chans) == list(range(128))
+    assert [ga.out_row(c, 3) for c in chans] == list(range(128))  # the value outliers' rows
+    assert ga.out_row(torch.tensor(chans), 3).tolist() == list(range(128))
+    for r in range(8):
+        wn = [np.array([ga.extra3(int(u), int(v), r) for u, v in zip(words[e, :, 8 + r // 2], words[e, :, 12],
+                                                                        strict=True)], dtype=np.uint32)
+              for e in (0, 1)]
+        merged = {}
+        for name, src in (("", [words[0, :, r], words[1, :, r]]), ("n", wn)):
+            m = _run_ptx(ga._merge_asm(), {"$2": src[0], "$3": src[1]})
+            merged[name + "lo"], merged[name + "hi"] = m["$0"], m["$1"]
+            merged[name + "mid"] = _run_ptx(ga.MERGE_MID.value if hasattr(ga.MERGE_MID, "value") else ga.MERGE_MID,
+                                            {"$2": src[0], "$3": src[1]})["$0"]
+        for t in range(16):
+            name, pos = ga.v3_source(t)
+            lo, hi = dequant(merged[name], pos)
+            c = ga.v3_channel(t, r)
+            assert np.array_equal(lo, codes[0, :, c]) and np.array_equal(hi, codes[1, :, c]), (r, t)
 
 
 def _apply_bases(bases: list, o: int) -> tuple:
