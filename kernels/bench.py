@@ -7,10 +7,12 @@ packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), a
 and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V) and QAQ's
 format at one width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row) and with
 QAQ's default outliers (``qaq-Nbit-rows+out``: quantized and packed by QAQ's own functions, each row's extremes
-exact, statistics over the rest), and the mix's widths and shares stored that way (``qaq-mix-rows-2/3/4bit+out``:
-its 3-bit part runs on the Triton kernel); then bf16 SDPA and KIVI 4-bit / 2-bit quantized from the same K/V in bf16
-(their speed-ups are against bf16 SDPA). Times are
-medians of CUDA-event timings; bytes are the real tensors read (codes, scales, zeros,
+exact, statistics over the rest), and the mix's widths and shares stored that way (``qaq-mix-rows-2/3/4bit+out``;
+the first mix's key and value groups of 32 channels at 3 bits and its up to ~9 random outliers in a row keep it on the
+Triton kernel), and what QAQ's default bounds store (``qaq-k3v1/k3v0-rows+out``: 3-bit keys, half the tokens with
+1-bit and half with 0-bit values, QAQ's outliers); then bf16 SDPA and KIVI 4-bit / 2-bit quantized from the same
+K/V in bf16 (their speed-ups are against bf16 SDPA). Times are medians of CUDA-event timings; bytes are the real
+tensors read (codes, scales, zeros,
 outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
 ``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop runs it; the host's Python
 launch cost is not in it), each replay after a 512 MiB read that leaves the L2 full of clean lines of other data (as
@@ -130,9 +132,9 @@ def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
         pairs.append((token_part(ks, sub, bits, 32, 0.01), token_part(vs, sub, bits, 32, 0.01), sub))
         start += n
     cases["qaq-mix-2/3/4bit+1%"] = pairs
-    for bits in (4, 2):  # QAQ's format at one width: TokenQuant K and V, a scale and zero per row, no outliers
+    for bits in (4, 3, 2):  # QAQ's format at one width: TokenQuant K and V, a scale and zero per row, no outliers
         cases[f"qaq-{bits}bit-rows"] = [(token_part(k, counts, bits, d), token_part(v, counts, bits, d), counts)]
-    for bits in (4, 2):  # ... and as QAQ stores them with its default outliers (each row's extremes exact)
+    for bits in (4, 3, 2):  # ... and as QAQ stores them with its default outliers (each row's extremes exact)
         cases[f"qaq-{bits}bit-rows+out"] = [(qaq_rows(k, counts, bits), qaq_rows(v, counts, bits), counts)]
     # the mix's widths and shares as QAQ stores them: rows with one scale and zero, each row's extremes exact
     pairs, start = [], 0
@@ -143,6 +145,15 @@ def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
         pairs.append((qaq_rows(ks, (n,) * H, bits), qaq_rows(vs, (n,) * H, bits), (n,) * H))
         start += n
     cases["qaq-mix-rows-2/3/4bit+out"] = pairs
+    # what QAQ's default bounds store (the embedded SmolLM2 at 2k tokens in fp16: 3-bit keys with 1-bit values 45% of
+    # the rows, with 0-bit values 45%, the rest mostly 2/4-bit keys with 0/1-bit values): half and half
+    half = T // 2
+    pairs = []
+    for vbits, sl in ((1, slice(0, half)), (0, slice(half, T))):
+        ks, vs = kh[:, sl].reshape(-1, d), vh[:, sl].reshape(-1, d)
+        n = (sl.stop - sl.start,) * H
+        pairs.append((qaq_rows(ks, n, 3), qaq_rows(vs, n, vbits), n))
+    cases["qaq-k3v1/k3v0-rows+out"] = pairs
     return {"k": k, "v": v, "cases": cases}
 
 

@@ -196,6 +196,8 @@ V_FS2: gl.constexpr = gl.constexpr(dequant_constants(2)[1])
 V_FB2: gl.constexpr = gl.constexpr(-dequant_constants(2)[2])
 V_FS4: gl.constexpr = gl.constexpr(dequant_constants(4)[1])
 V_FB4: gl.constexpr = gl.constexpr(-dequant_constants(4)[2])
+V_FS1: gl.constexpr = gl.constexpr(dequant_constants(1)[1])
+V_FB1: gl.constexpr = gl.constexpr(-dequant_constants(1)[2])
 V_FS3: gl.constexpr = gl.constexpr(dequant_constants(3)[1])
 V_FB3: gl.constexpr = gl.constexpr(-dequant_constants(3)[2])
 # 3-bit value words: bytes 1-2 of each of the two tokens' words (bits 8-23), so code 5 (bits 15-17, across the
@@ -206,6 +208,8 @@ DEQK2: gl.constexpr = gl.constexpr(_deq_asm(2, True))
 DEQK4: gl.constexpr = gl.constexpr(_deq_asm(4, True))
 DEQV2: gl.constexpr = gl.constexpr(_deq_asm(2, False))
 DEQV4: gl.constexpr = gl.constexpr(_deq_asm(4, False))
+DEQV1: gl.constexpr = gl.constexpr(_deq_asm(1, False))
+DEQV1B: gl.constexpr = gl.constexpr(_deq_asm(1, False, True))
 DEQV3: gl.constexpr = gl.constexpr(_deq_asm(3, False))
 DEQV3B: gl.constexpr = gl.constexpr(_deq_asm(3, False, True))
 PREP2: gl.constexpr = gl.constexpr(_prep_asm(2))
@@ -397,6 +401,8 @@ def _deq(x, sh, sc, zr, BITS: gl.constexpr, KEY: gl.constexpr, BF16: gl.constexp
     adjacent channels' fp16); values: as the two tokens' fp16 values (packed into one register by ``pack=2``)."""
     if BITS == 3:  # TokenQuant only: scales as the values' (one per token)
         ASM: gl.constexpr = DEQV3B if BF16 else DEQV3
+    elif BITS == 1:  # values only
+        ASM: gl.constexpr = DEQV1B if BF16 else DEQV1
     elif BF16:
         ASM: gl.constexpr = (DEQK2B if BITS == 2 else DEQK4B) if KEY else (DEQV2B if BITS == 2 else DEQV4B)
     else:
@@ -645,6 +651,46 @@ def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
     bz = gl.expand_dims(gl.expand_dims(gl.convert_layout(bz, SL, assert_trivial=True), 2), 4)
     y = _deq(x, sh, gl.broadcast(sp, x)[0], gl.broadcast(bz, x)[0], 3, False, BF16)
     return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _vchunk01(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VG: gl.constexpr,
+              MASKED: gl.constexpr, BF16: gl.constexpr):
+    """fp16 (bf16) value chunk ``V^T [128 channels, 16 tokens]`` of chunk ``i`` for 0-bit values (every channel of a
+    group is its zero: the pairs are the zeros themselves, nothing to dequantize; QAQ stores most of its values so)
+    or 1-bit values (lane row ``r`` holds channels ``16 r ..``: half ``r % 2`` of word ``r // 2``, merged by ``prmt``
+    with a per-lane selector; code ``t`` at bit ``t`` of each half)."""
+    if MASKED:
+        row = vrow0 + vrow_off + 2 * i
+        rm = (row >= 0) & (row < v_nrows)
+        zr = gl.load(zptr + 2 * i * (128 // VG), mask=rm, other=0.0)
+        if BITS == 1:
+            sc = gl.load(sptr + 2 * i * (128 // VG), mask=rm, other=0.0)
+            w0 = gl.load(vptr + 2 * i * 4, mask=rm, other=0)
+    else:
+        zr = gl.load(zptr + 2 * i * (128 // VG))
+        if BITS == 1:
+            sc = gl.load(sptr + 2 * i * (128 // VG))
+            w0 = gl.load(vptr + 2 * i * 4)
+    zero5 = gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
+    if BITS == 0:
+        y = gl.broadcast(gl.expand_dims(zr, 0), zero5)[0]
+    else:
+        vr, _, _, _ = _idx4(V4, 8, 2, 4, 2)
+        x = _merge_sel(w0, gl.where(vr % 2 == 0, 0x5410, 0x7632), V3)
+        x = gl.expand_dims(gl.expand_dims(gl.convert_layout(x, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
+        x = x + zero5
+        tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
+        tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
+        sh = _rot(tt, 1, BF16)
+        sp = sc * V_FS1
+        s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
+        if BF16:
+            z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
+        else:
+            z5 = gl.broadcast(gl.expand_dims(zr - sp * V_FB1, 0), x)[0]
+        y = _deq(x, sh, s5, z5, 1, False, BF16)
+    return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
 
 @gluon.jit
@@ -951,6 +997,8 @@ def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_B
     pb = gl.convert_layout(pb, B_L, assert_trivial=True)
     if V_BITS == 3:
         va_ = _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, MASKED, BF16)
+    elif V_BITS < 2:
+        va_ = _vchunk01(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, V_BITS, V_GROUP, MASKED, BF16)
     else:
         va_ = _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, V_BITS, VPER, V_GROUP, MASKED, BF16)
     return mma_v2(va_, pb, acc)
@@ -970,7 +1018,7 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     Outliers (``K_OUT`` / ``V_OUT`` slots per row): :func:`_k_out`, :func:`_v_out`; the value corrections of the half
     are added from the shared buffer ``cbuf`` (at address ``cbase``) at its end."""
     KPER: gl.constexpr = 32 // K_BITS
-    VPER: gl.constexpr = 32 // V_BITS
+    VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
     HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK) else 64  # first token of half w (minus trow + 2 i)
     WOFF: gl.constexpr = 0 if K_BITS == 2 else 64  # first token of the half's key words: T0 + WOFF w + lane run
     if K_TOK:  # TokenQuant keys: each chunk's own words and scales (kc_off / krow_w: words; ks_off / krow_l: scales)
@@ -1134,7 +1182,7 @@ def _kivi_attn_kernel(
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
 ):
     KPER: gl.constexpr = 32 // K_BITS
-    VPER: gl.constexpr = 32 // V_BITS
+    VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
     # a lane's key run per half tile: 2 bits: one word of 16 tokens (each half uses half of it); 4 bits: one word of 8
     RUN: gl.constexpr = 16 if (K_BITS == 2 and not K_TOK) else 8  # TokenQuant keys: the 4-bit token order
     gl.static_assert(K_GROUP % 16 == 0)
@@ -1224,8 +1272,9 @@ def _kivi_attn_kernel(
         k_zero2 = k_zero.to(gl.pointer_type(gl.int32), bitcast=True)
     vr, vh, va, ve = _idx4(V4, 8, 2, 4, 2)
     vrow_off = 2 * RUN * va + (RUN * ve + vh)  # value row (minus 2 i) of each element of a chunk
-    VW: gl.constexpr = (128 + VPER - 1) // VPER  # words per value row (13 at 3 bits: lane row r starts at word r)
-    vw_off = (2 * RUN * va * VW + vr * (16 // VPER)) + (RUN * ve + vh) * VW
+    # words per value row (13 at 3 bits: lane row r starts at word r; at 1 bit at word r // 2)
+    VW: gl.constexpr = (128 + VPER - 1) // VPER
+    vw_off = (2 * RUN * va * VW + (vr if V_BITS == 3 else (16 * vr) // VPER)) + (RUN * ve + vh) * VW
     vs_off = (2 * RUN * va * (128 // V_GROUP) + (16 * vr) // V_GROUP) + (RUN * ve + vh) * (128 // V_GROUP)
     rows = gl.arange(0, 16, layout=ROW_L)
     trow = RUN * (rows % 8) + rows // 8  # physical token (minus T8 + 2 i) of each score row of a chunk
@@ -1414,10 +1463,12 @@ def pair_fits(k, v) -> bool:
 
     # outliers: TokenQuant keys and values with at most MAX_SLOTS per row (the value corrections' shared buffer needs
     # the unstaged kernel, which TokenQuant keys get); looked at last (it builds the slots)
-    # 3 bits: one scale per row (QAQ's parts, MiKV's low-precision tokens), TokenQuant keys
+    # 3 bits: one scale per row (QAQ's parts, MiKV's low-precision tokens), TokenQuant keys; values also of 0 bits
+    # (no codes: the group's zero) and 1 bit (most of QAQ's values at its default bounds)
     return (ENABLED and v.fmt == TOKEN and (k.bits in (2, 4) or (k.bits == 3 and k.fmt == TOKEN and k.group == 128))
-            and (v.bits in (2, 4) or (v.bits == 3 and v.group == 128))
-            and k.data.dtype == torch.int32 and v.data.dtype == torch.int32 and k.d == 128 and v.d == 128
+            and (v.bits in (0, 1, 2, 4) or (v.bits == 3 and v.group == 128))
+            and k.data.dtype == torch.int32 and (v.data.dtype == torch.int32 or v.bits == 0) and k.d == 128
+            and v.d == 128
             and ((k.fmt == CHANNEL and k.group in (16, 32, 64, 128)) or (k.fmt == TOKEN and k.group in (32, 64, 128)))
             and v.group % 16 == 0 and v.group <= 128
             and (k.scale.dtype == torch.float16  # bf16: mul / sub .bf16x2 need sm_90

@@ -442,7 +442,11 @@ def test_launch_config_by_pair_kind():
     ("T", 3, 3, 128, 128, 8, 1, False, True, 0, 1, F16), ("T", 3, 2, 128, 32, 4, 2, True, False, 3, 1, F16),
     ("T", 2, 3, 64, 128, 4, 1, False, True, 5, 1, F16), ("T", 4, 3, 128, 128, 8, 4, True, True, 5, 1e-4, F16),
     ("C", 2, 3, 32, 128, 4, 1, False, True, 0, 1, F16), ("C", 4, 3, 64, 128, 8, 1, True, False, 3, 1, BF16),
-    ("T", 3, 3, 128, 128, 8, 1, False, True, 0, 1, BF16), ("T", 3, 4, 128, 64, 4, 2, False, False, 0, 1e-4, BF16)])
+    ("T", 3, 3, 128, 128, 8, 1, False, True, 0, 1, BF16), ("T", 3, 4, 128, 64, 4, 2, False, False, 0, 1e-4, BF16),
+    # 0- and 1-bit values (QAQ's default bounds store nearly all values so)
+    ("T", 3, 1, 128, 128, 8, 1, False, True, 0, 1, F16), ("T", 3, 0, 128, 128, 4, 2, True, False, 3, 1, F16),
+    ("C", 2, 1, 32, 32, 4, 1, False, True, 0, 1, F16), ("T", 4, 0, 64, 32, 8, 1, False, True, 5, 1, BF16),
+    ("T", 2, 1, 128, 16, 8, 4, True, False, 0, 1e-4, BF16)])
 def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch,
                                     gluon_strict):
     """The Gluon kernel for packed 2/4-bit pairs (taken and not switched off: checked) against float64: ragged heads
@@ -577,7 +581,9 @@ def test_bench_qaq_rows_are_qaqs_storage():
     (4, 4, 128, 128, 8, 1, False, True, 0, 2, 2, BF16, True), (2, 4, 64, 32, 4, 2, True, False, 3, 4, 3, BF16, False),
     (3, 3, 128, 128, 8, 1, False, True, 0, 2, 2, F16, False), (3, 2, 128, 32, 4, 2, True, False, 3, 4, 3, F16, False),
     (2, 3, 64, 128, 8, 1, False, True, 0, 3, 4, F16, True), (3, 3, 128, 128, 8, 4, False, False, 5, 2, 3, BF16, False),
-    (4, 3, 128, 128, 4, 1, True, True, 0, 0, 2, F16, False)])
+    (4, 3, 128, 128, 4, 1, True, True, 0, 0, 2, F16, False),
+    (3, 1, 128, 128, 8, 1, False, True, 0, 2, 2, F16, False), (3, 0, 128, 128, 8, 1, False, True, 3, 3, 4, F16, False),
+    (4, 0, 128, 64, 4, 2, True, False, 0, 2, 2, BF16, True)])
 def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, k_most, v_most, dtype, static,
                                       monkeypatch, gluon_strict):
     """TokenQuant pairs with sparse outliers (up to ``k_most`` / ``v_most`` per row, rows with none among them:
@@ -667,8 +673,9 @@ def test_gluon_value_outliers_fixed_point_bound(gluon_strict):
 @gpu_only
 def test_gluon_scope_of_tokenquant_keys():
     """Which TokenQuant-key pairs the Gluon kernel takes: keys and values of 2 or 4 bits, key groups of 32, 64 or 128
-    channels, 3 bits with one scale per row (group 128), at most 4 outliers per row; group 16, 3 bits in smaller
-    groups, 0/8-bit keys, more outliers in a row and value outliers next to ChannelQuant keys stay on Triton."""
+    channels, 3 bits with one scale per row (group 128), values also of 0 and 1 bit, at most 4 outliers per row;
+    group 16, 3 bits in smaller groups, 0/1/8-bit keys, more outliers in a row and value outliers next to
+    ChannelQuant keys stay on Triton."""
     from kernels import gluon_attention as ga
     from kernels.triton_tiles import PartSpec
 
@@ -693,6 +700,8 @@ def test_gluon_scope_of_tokenquant_keys():
         assert ga.pair_fits(PartSpec(k, dispatch.outlier_csr(k)), PartSpec(v3, dispatch.outlier_csr(v3)))
     assert ga.pair_fits(PartSpec(ck), PartSpec(_make("T", counts, d, 3, 128, torch.float16, g, 0)))
     assert not fits(3, 64)
+    assert fits(3, 128, vb=1, v_out=10) and fits(4, 64, vb=0, v_out=10) and fits(2, 32, vb=0)  # 0/1-bit values
+    assert not (fits(1, 32) or fits(0, 32, vb=1))
 
 
 @gpu_only
@@ -761,7 +770,7 @@ _BUILD = """
 import sys
 from kernels import gluon_attention as ga
 bf16, dynamic, tok, out = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] == "1", int(sys.argv[8])
-vg = 128 if sys.argv[2] == "3" else 32
+vg = 128 if sys.argv[2] in ("1", "3") else 32
 ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7]), vg, want_scores=sys.argv[3] == "1",
                          bf16=bf16, dynamic=dynamic, k_tok=tok, k_out=out, v_out=out).asm["ptx"]
 t = "bf16" if bf16 else "f16"
@@ -793,7 +802,7 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
     (2, 2, True, True, False, False, 32, 0), (2, 2, True, False, True, True, 32, 0),
     (4, 2, False, True, False, True, 128, 0), (4, 4, False, False, True, True, 128, 4),
     (2, 4, True, True, False, True, 64, 4), (3, 3, True, False, True, True, 128, 4),
-    (2, 3, False, True, False, False, 32, 0)])
+    (2, 3, False, True, False, False, 32, 0), (3, 1, False, False, True, True, 128, 4)])
 def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg, out):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
@@ -885,7 +894,7 @@ def _run_ptx(asm: str, regs: dict) -> dict:
             regs[a[0]] = ((x << n | x >> ((32 - n) % 32)) & 0xFFFFFFFF).astype(np.uint32)
         elif op == "prmt.b32":  # byte i of the result = byte (selector nibble i) of (b:a)
             x = np.asarray(val(a[1]), dtype=np.uint64) | np.asarray(val(a[2]), dtype=np.uint64) << 32
-            sel = int(a[3], 0)
+            sel = int(val(a[3]))
             regs[a[0]] = sum(((x >> (8 * ((sel >> 4 * i) & 7))) & 0xFF) << (8 * i) for i in range(4)).astype(np.uint32)
         elif op == "fma.rn.f16x2":  # exact in float64, one rounding
             x = [np.asarray(val(t), dtype=np.uint32) for t in a[1:]]
@@ -1005,6 +1014,34 @@ def test_gluon_3bit_pairs_emulated(bf16):
             lo, hi = dequant(merged[name], pos)
             c = ga.v3_channel(t, r)
             assert np.array_equal(lo, codes[0, :, c]) and np.array_equal(hi, codes[1, :, c]), (r, t)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gluon_1bit_values_emulated(bf16):
+    """1-bit values on the Gluon kernel, emulated on CPU: lane row ``r``'s two tokens' words (word ``r // 2``) merged
+    by the kernel's ``prmt`` with its per-lane selector (low halves for even ``r``, high halves for odd) and
+    dequantized by its PTX string with rotation ``rotation(t, 1)`` give both tokens' codes of channel ``16 r + t``
+    (the 2/4-bit output order, so the output rows and outlier slots need nothing of their own)."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    rng = np.random.default_rng(44 + bf16)
+    codes = rng.integers(0, 2, (2, 64, 128))
+    words = ref.pack(torch.from_numpy(codes), 1).numpy().astype(np.int64).astype(np.uint32)  # [2, 64, 4]
+    q = _bf16_bits(np.array([0.25]))[0] if bf16 else int(np.array([0.25], np.float16).view(np.uint16)[0])
+    b = 0 if bf16 else int(np.array([-2.0], np.float16).view(np.uint16)[0])  # z - 2^1 s for s = 1, z = 0
+    sel = ga.MERGE_SEL.value if hasattr(ga.MERGE_SEL, "value") else ga.MERGE_SEL
+    for r in range(8):
+        x = _run_ptx(sel, {"$2": words[0, :, r // 2], "$3": words[1, :, r // 2],
+                           "$4": np.uint32(0x5410 if r % 2 == 0 else 0x7632)})["$0"]
+        for t in range(16):
+            rot = np.uint32(ga.rotation(t, 1, bf16))
+            out = _run_ptx(ga._deq_asm(1, False, bf16), {"$1": x, "$2": x, "$3": rot, "$4": rot,
+                                                        "$5": np.uint32(q | q << 16), "$6": np.uint32(b | b << 16)})
+            for e in (0, 1):
+                h = out["$0"] >> (16 * e) & 0xFFFF
+                got = _bf16_val(h) if bf16 else h.astype(np.uint16).view(np.float16).astype(np.float64)
+                assert np.array_equal(got, codes[e, :, 16 * r + t]), (r, t, e)
 
 
 def _apply_bases(bases: list, o: int) -> tuple:
