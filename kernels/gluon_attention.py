@@ -65,11 +65,17 @@ value outlier adds ``delta p[t, m]`` to output channel ``c``, which another lane
 point (int32, :func:`outlier_fix`) to a shared buffer by native integer atomics, and the buffer is added to the
 accumulator at the end of each half tile (section "sparse outliers" below).
 
+3-bit parts (10 codes per word, 13 words per row) with one scale per row, as QAQ and MiKV store them, take the same
+kernel with their own word-to-lane maps (section "3-bit parts" below); 1-bit values merge half words by ``prmt``; 0-bit
+values (a zero per row, QAQ's most common value width at its default bounds) add ``sum_t p[t, m] z_t`` to every
+output row instead of value tiles.
+
 Scope (:func:`supports`): fp16 or bf16 queries matching the cache's scales, ``d = 128``, at most 8 query rows per KV
-head, keys and values of 2 or 4 bits: ChannelQuant keys in blocks of 16, 32, 64 or 128 tokens (no outliers) or
-TokenQuant keys in groups of 32, 64 or 128 channels, and TokenQuant values in groups of a multiple of 16 channels up
-to 128; with TokenQuant keys, up to 4 outliers per row in either part. Everything else (3-bit and other widths, more
-outliers per row, d != 128) runs on :mod:`kernels.triton_attention`.
+head; keys of 2 or 4 bits: ChannelQuant keys in blocks of 16, 32, 64 or 128 tokens (no outliers) or TokenQuant keys in
+groups of 32, 64 or 128 channels; TokenQuant keys of 3 bits in groups of 128; TokenQuant values of 0, 1, 2 or 4 bits in
+groups of a multiple of 16 channels up to 128, or of 3 bits in groups of 128; with TokenQuant keys, up to 4 outliers
+per row in either part. Everything else (0/1/8-bit keys, 8-bit values, 3 bits in smaller groups, more outliers per
+row, d != 128) runs on :mod:`kernels.triton_attention`.
 """
 
 from __future__ import annotations
@@ -656,10 +662,11 @@ def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
 @gluon.jit
 def _vchunk01(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VG: gl.constexpr,
               MASKED: gl.constexpr, BF16: gl.constexpr):
-    """fp16 (bf16) value chunk ``V^T [128 channels, 16 tokens]`` of chunk ``i`` for 0-bit values (every channel of a
-    group is its zero: the pairs are the zeros themselves, nothing to dequantize; QAQ stores most of its values so)
-    or 1-bit values (lane row ``r`` holds channels ``16 r ..``: half ``r % 2`` of word ``r // 2``, merged by ``prmt``
-    with a per-lane selector; code ``t`` at bit ``t`` of each half)."""
+    """fp16 (bf16) value chunk ``V^T [128 channels, 16 tokens]`` of chunk ``i`` for 0-bit values in groups smaller
+    than a row (every channel of a group is its zero: the pairs are the zeros themselves; with one zero per row
+    :func:`_half` skips the value tiles altogether) or 1-bit values (lane row ``r`` holds channels ``16 r ..``: half
+    ``r % 2`` of word ``r // 2``, merged by ``prmt`` with a per-lane selector; code ``t`` at bit ``t`` of each
+    half)."""
     if MASKED:
         row = vrow0 + vrow_off + 2 * i
         rm = (row >= 0) & (row < v_nrows)
@@ -1005,6 +1012,16 @@ def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_B
 
 
 @gluon.jit
+def _zrow(v_zero, row, v_nrows, MASKED: gl.constexpr):
+    """The zeros of 0-bit value rows ``row`` (one per row, float32 ``[16, 1]``)."""
+    if MASKED:
+        z = gl.load(v_zero + row, mask=(row >= 0) & (row < v_nrows), other=0.0)
+    else:
+        z = gl.load(v_zero + row)
+    return gl.expand_dims(z.to(gl.float32), 1)
+
+
+@gluon.jit
 def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
           k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
           COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS: gl.constexpr,
@@ -1082,7 +1099,11 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     m_new = gl.maximum(m_i, gl.max(mx, 0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_safe)
-    acc = acc * gl.expand_dims(alpha, 0)
+    # 0-bit values with one zero per row: every channel of a token is its zero, so the half tile adds
+    # sum_t p[t, m] z_t to every output row (no value tiles, no MMA)
+    V_Z: gl.constexpr = V_BITS == 0 and V_GROUP == 128
+    if not V_Z:
+        acc = acc * gl.expand_dims(alpha, 0)
     ms = gl.expand_dims(m_safe, 0)
     p0 = gl.exp2(s0 - ms)
     p1 = gl.exp2(s1 - ms)
@@ -1093,10 +1114,17 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
         _v_out(cbase, p1, v_ell, vrow0 + trow + 2, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
         _v_out(cbase, p2, v_ell, vrow0 + trow + 4, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
         _v_out(cbase, p3, v_ell, vrow0 + trow + 6, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
-    acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED, BF16)
-    acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED, BF16)
-    acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED, BF16)
-    acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED, BF16)
+    if V_Z:
+        zc = p0 * _zrow(v_zero, vrow0 + trow, v_nrows, MASKED)
+        zc += p1 * _zrow(v_zero, vrow0 + trow + 2, v_nrows, MASKED)
+        zc += p2 * _zrow(v_zero, vrow0 + trow + 4, v_nrows, MASKED)
+        zc += p3 * _zrow(v_zero, vrow0 + trow + 6, v_nrows, MASKED)
+        acc = acc * gl.expand_dims(alpha, 0) + gl.expand_dims(gl.sum(zc, 0), 0)
+    else:
+        acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED, BF16)
+        acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED, BF16)
+        acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED, BF16)
+        acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED, BF16)
     l_i = l_i * alpha + gl.sum((p0 + p1) + (p2 + p3), 0)
     if V_OUT > 0:  # this half's value corrections, at the same running max as acc
         _BARRIER()
