@@ -53,6 +53,10 @@ PROGRAMS_PER_SM = int(os.environ.get("KV_PROGRAMS_PER_SM", 32))
 PACKED_WARPS = int(os.environ.get("KV_PACKED_WARPS", 1))
 PACKED_PROGRAMS_PER_SM = int(os.environ.get("KV_PACKED_PROGRAMS_PER_SM", 16))
 PACKED_STAGES = int(os.environ.get("KV_PACKED_STAGES", 3))
+# several part pairs (QAQ's widths, MiKV's two precisions, a packed part beside its dense residual): each pair's launch
+# on a stream of its own, forked from and joined back to the caller's, so a launch's tail overlaps the next one's
+# programs instead of the GPU idling between them (0: one after another on the caller's stream)
+STREAMS = os.environ.get("KV_STREAMS", "1") == "1"
 FOLD_K = os.environ.get("KV_FOLD_K", "1") == "1"  # per-channel keys: scales folded into q (tile = raw codes)
 # fp16 caches: dequantize per-channel keys in fp16 too (instead of folding), and on GPUs turn codes into fp16 with the
 # inline-PTX pair trick of triton_tiles.pair_dequant (H100, 32k: KIVI 2/4-bit 362/377 -> see kernels/NOTES.md)
@@ -415,11 +419,33 @@ def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, scores: t
     s_total = sum(p.nsplit for p in plans)
     out_p = new_empty((H, s_total, M, D), torch.float32, q.device)
     lse_p = new_empty((H, s_total, M), torch.float32, q.device)
+    side = _side_streams(q.device, len(plans) - 1) if STREAMS and q.is_cuda and len(plans) > 1 else []
+    main = torch.cuda.current_stream(q.device) if side else None
+    for st in side:  # everything the launches read was written on the caller's stream
+        st.wait_stream(main)
     off = 0
-    for p in plans:
-        _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq)
+    for i, p in enumerate(plans):
+        if i and side:
+            with torch.cuda.stream(side[i - 1]):
+                _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq)
+        else:
+            _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq)
         off += p.nsplit
+    for st in side:  # the merge (and whoever frees out_p / lse_p) comes after every launch
+        main.wait_stream(st)
     return merge_splits(out_p, lse_p, s_total, 1, H, s_total)
+
+
+_SIDE: dict = {}
+
+
+def _side_streams(device: torch.device, n: int) -> list:
+    """``n`` side streams of ``device`` (from torch's pool, created once per device and reused: no stream is created
+    while a CUDA graph is being captured after the first call)."""
+    pool = _SIDE.setdefault(device.index if device.index is not None else torch.cuda.current_device(), [])
+    while len(pool) < n:
+        pool.append(torch.cuda.Stream(device=device))
+    return pool[:n]
 
 
 def merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

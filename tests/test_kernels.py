@@ -705,6 +705,67 @@ def test_gluon_scope_of_tokenquant_keys():
 
 
 @gpu_only
+def test_pairs_on_side_streams(monkeypatch):
+    """Several part pairs (QAQ's widths on the Gluon kernel, a dense residual on the Triton kernel) launch on side
+    streams forked from the caller's and joined before the merge: the same output and scores, bit for bit, as one
+    launch after another (static schedule), eagerly and replayed from a CUDA graph captured with them; and the caller's
+    stream sees the results without any other synchronization (the next op reads them on it)."""
+    from kernels import triton_attention as ta
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    torch.use_deterministic_algorithms(True, warn_only=True)  # the Gluon kernel's static schedule
+    try:
+        g = _gen(404)
+        H, d, M = 4, 128, 4
+        plans, col = [], 0
+        for kb, vb, n, fmt in ((3, 0, 700, "T"), (3, 1, 520, "T"), (4, 2, 300, "T"), (0, 0, 33, "D")):
+            counts = (n,) * H
+            k = _make(fmt, counts, d, kb, 128, F16, g, 0)
+            v = _make(fmt, counts, d, vb, 128, F16, g, 0)
+            if fmt == "T":
+                _row_outliers(k, torch.randint(0, 3, (n * H,), generator=g), g)
+                _row_outliers(v, torch.randint(0, 3, (n * H,), generator=g), g)
+            offs = dispatch._offsets(counts)
+            plans.append(PairPlan(PartSpec(k, dispatch.outlier_csr(k) if fmt == "T" else None),
+                                  PartSpec(v, dispatch.outlier_csr(v) if fmt == "T" else None),
+                                  offs, offs, [n] * H, nsplit=5, col_base=col, device=DEV))
+            col += n
+        q = _randn(H, M, d, g=g, dtype=F16)
+
+        def run():
+            sc = torch.full((H, M, col), float("-inf"), device=DEV)
+            out, lse = attend_pairs(q, plans, d ** -0.5, sc)
+            return out * 1.0, lse * 1.0, sc  # read on the caller's stream right away
+
+        monkeypatch.setattr(ta, "STREAMS", False)
+        want = run()
+        monkeypatch.setattr(ta, "STREAMS", True)
+        got = run()
+        assert ta._SIDE, "no side streams were used"
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        static = [torch.empty_like(t) for t in want]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for dst, src in zip(static, run(), strict=True):
+                dst.copy_(src)
+        for _ in range(3):
+            for t in static:
+                t.fill_(float("nan"))
+            graph.replay()
+            for a, b in zip(static, want, strict=True):
+                assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@gpu_only
 @pytest.mark.parametrize("kf,kbits", [("C", 2), ("C", 4), ("T", 2)])
 def test_gluon_dynamic_schedule(kf, kbits, monkeypatch, gluon_strict):
     """The Gluon kernel's dynamic schedule (programs draw units from a per-head counter): with 1 to 24 programs per
