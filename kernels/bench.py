@@ -95,7 +95,7 @@ def channel_part(x: torch.Tensor, counts, bits: int, group: int):
     return SimpleNamespace(words=words, scale=scale, zero=zero, nbits=bits, group=group, counts=tuple(counts))
 
 
-def part_bytes(p, spec=None) -> int:
+def part_bytes(p, spec=None, value: bool = False) -> int:
     """Bytes of a part's tensors that a decode step reads: codes, scales, zeros and its outliers, as stored (int32
     index + value) or, where the Gluon kernel serves the part (``spec`` given), as the fixed slots it reads instead
     (gluon_attention.outlier_slots, built once per part and kept beside the stored pairs): the first plane, 2 slots
@@ -107,7 +107,7 @@ def part_bytes(p, spec=None) -> int:
     if spec is not None:
         from kernels.gluon_attention import outlier_slots
 
-        ell = outlier_slots(spec)
+        ell = outlier_slots(spec, value)
     outl = (ell[0],) if ell is not None else (getattr(p, "out_idx", None), getattr(p, "out_val", None))
     return _nbytes(p.words, p.scale if p.nbits else None, p.zero, *outl)
 
@@ -240,7 +240,7 @@ def bench_context(B: int, hq: int, hkv: int, T: int, d: int, copy_bw: float) -> 
     def add_pairs(method, pairs, qq, base=None):
         plans = plans_for(pairs, q.device)
         served = [gluon_serves(p, qq) for p in plans]
-        nbytes = sum(part_bytes(kp, pl.k if g else None) + part_bytes(vp, pl.v if g else None)
+        nbytes = sum(part_bytes(kp, pl.k if g else None) + part_bytes(vp, pl.v if g else None, True)
                      for (kp, vp, _), pl, g in zip(pairs, plans, served, strict=True)) + _nbytes(qq)
         kernel = "gluon" if all(served) else ("gluon+triton" if any(served) else "triton")
         add(method, _times(lambda: attend_pairs(qq, plans, scale)), nbytes, kernel, base)

@@ -753,8 +753,9 @@ def _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, MASKED
 @gluon.jit
 def _tok_key_load(k_data, k_scale, k_zero, T, k_nrows, kw_tok, kw_off, ks_tok, ks_off, KPER: gl.constexpr,
                   K_GROUP: gl.constexpr, MASKED: gl.constexpr):
-    """A chunk's TokenQuant key words ``[2 h, 8 r, NW w, 4 a]`` (each lane its ``NW`` words of tokens ``T + 8 r + h``)
-    and their scales and zeros ``[2 h, 8 r, 4 a]`` (the lane's group)."""
+    """A chunk's TokenQuant key words ``[2 h, 8 r, NW w, 4 a]`` (each lane its ``NW`` words of tokens ``T + 8 r + h``;
+    3 bits: ``[2 h, 8 r, 4 a, 4 w]``, :data:`KW3`, the layout of the offsets passed in) and their scales and zeros
+    ``[2 h, 8 r, 4 a]`` (the lane's group)."""
     WPR: gl.constexpr = (128 + KPER - 1) // KPER  # words per row (13 at 3 bits)
     tw = T + kw_tok
     ts = T + ks_tok
@@ -940,8 +941,9 @@ def _v_red(cbase, pm, off, dl, v_fix):
 @gluon.jit
 def _v_out(cbase, p, v_ell, vrow, v_nrows, v_fix, M, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
     """Add ``delta_j p[t, m]`` of each value outlier of the chunk's tokens (rows ``vrow``), in fixed point (times
-    ``v_fix``), to the shared correction buffer at its output row (the accumulator's row of channel ``c``:
-    ``8 (c % 16) + c // 16``) and query ``m < M``; the second plane as in :func:`_k_out`."""
+    ``v_fix``), to the shared correction buffer at its output row (the accumulator's row of channel ``c``,
+    :func:`out_row`: ``8 (c % 16) + c // 16``, for 3-bit values the inverse of :func:`v3_channel`; the slots hold
+    it) and query ``m < M``; the second plane as in :func:`_k_out`."""
     off, dl, more = _slots(v_ell, vrow, v_nrows, MASKED, BF16)
     pm = gl.where(gl.expand_dims(gl.arange(0, 8, layout=COL_L), 0) < M, p, 0.0)
     _v_red(cbase, pm, off, dl, v_fix)
@@ -1441,7 +1443,8 @@ def out_row(c, bits: int = 2):
 
 
 def _slot_cache(spec, value: bool = False) -> tuple:
-    """(slots, fixed-point factor) of a part, built once per outlier tensor and cached on the part."""
+    """(slots, fixed-point factor) of a part, built once per outlier tensor and row order (``value``: a 3-bit value
+    part's accumulator rows) and cached on the part, one entry per order."""
     if not spec.has_out or spec.odelta is None or spec.scale.dtype not in (torch.float16, torch.bfloat16):
         return None, 1.0
     part = spec.part
@@ -1612,7 +1615,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
             plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
             plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
             s_total, plan.nsplit, float(scale), plan.counters if plan.counters is not None else plan.k.data,
-            _ell_arg(plan.k, False), _ell_arg(plan.v, True), outlier_fix(plan.v))
+            _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data), outlier_fix(plan.v))
     if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
         key = tuple(consts.items())
         if key not in _CHECKED:
@@ -1624,10 +1627,12 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
 _CHECKED: set = set()
 
 
-def _ell_arg(spec, value: bool) -> torch.Tensor:
-    """A part's outlier slots, or any int32 tensor when it has none (not read)."""
+def _ell_arg(spec, value: bool, words: torch.Tensor) -> torch.Tensor:
+    """A part's outlier slots, or, when it has none, ``words`` (the pair's int32 key words; not read): int32 like the
+    slots and like :func:`resident_programs`' warmup, so that a 0-bit value part, whose ``data`` is its fp16 zeros,
+    compiles no second kernel."""
     ell = outlier_slots(spec, value)
-    return spec.data if ell is None else ell
+    return words if ell is None else ell
 
 
 def _check_smem(kern, outliers: bool) -> None:

@@ -446,7 +446,7 @@ def test_launch_config_by_pair_kind():
     # 0- and 1-bit values (QAQ's default bounds store nearly all values so)
     ("T", 3, 1, 128, 128, 8, 1, False, True, 0, 1, F16), ("T", 3, 0, 128, 128, 4, 2, True, False, 3, 1, F16),
     ("C", 2, 1, 32, 32, 4, 1, False, True, 0, 1, F16), ("T", 4, 0, 64, 32, 8, 1, False, True, 5, 1, BF16),
-    ("T", 2, 1, 128, 16, 8, 4, True, False, 0, 1e-4, BF16)])
+    ("T", 2, 1, 128, 16, 8, 4, True, False, 0, 1e-4, BF16), ("T", 3, 0, 128, 128, 4, 1, False, False, 0, 1, BF16)])
 def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch,
                                     gluon_strict):
     """The Gluon kernel for packed 2/4-bit pairs (taken and not switched off: checked) against float64: ragged heads
@@ -485,8 +485,12 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
     q = _randn(H, M, d, g=g, dtype=dtype, scale=1 if amp == 1 else 0.5 / amp)
     o64, l64, s64 = _ref64_causal(q, k_part, v_part, d ** -0.5, starts, cnts, newr, lq)
     scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
+    ga.resident_programs(plan)
+    compiled = _compiled(ga)
     out, lse = attend_pairs(q, [plan], d ** -0.5, scores, lq)
     assert taken, "the Gluon kernel was not used"
+    if not want:  # the launch runs the kernel resident_programs compiled (and counted the registers of)
+        assert _compiled(ga) == compiled
     fin = torch.isfinite(l64)
     assert torch.equal(torch.isfinite(lse), fin)
     assert relerr(out[fin], o64[fin]) < TOL[dtype]
@@ -494,6 +498,12 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
     if want:
         sfin = torch.isfinite(s64)
         assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[dtype]
+
+
+def _compiled(ga) -> int:
+    """Kernels of the Gluon attention kernel compiled so far (-1 when this Triton does not expose its cache)."""
+    caches = getattr(ga._kivi_attn_kernel, "device_caches", None)
+    return -1 if caches is None else sum(len(c[0]) for c in caches.values())
 
 
 def _row_outliers(part, per_row, g):
@@ -624,8 +634,12 @@ def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want
     q = _randn(H, M, d, g=g, dtype=dtype)
     o64, l64, s64 = _ref64_causal(q, k_part, v_part, d ** -0.5, starts, cnts, newr, lq)
     scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
+    ga.resident_programs(plan)
+    compiled = _compiled(ga)
     out, lse = attend_pairs(q, [plan], d ** -0.5, scores, lq)
     assert taken, "the Gluon kernel was not used"
+    if not want:  # the launch runs the kernel resident_programs compiled (and counted the registers of)
+        assert _compiled(ga) == compiled
     fin = torch.isfinite(l64)
     assert torch.equal(torch.isfinite(lse), fin)
     assert relerr(out[fin], o64[fin]) < TOL[dtype]
@@ -1014,13 +1028,30 @@ def test_gluon_pair_dequant_bf16_rounds_once(bits):
     assert biased != ga._deq_asm(bits, True, bf16=True)  # the subtraction is in the kernel's string
 
 
+def _prepared(bits: int, halves, bf16: bool) -> tuple:
+    """The value path's prepared scale and bias registers for two halves' ``(scale, zero)``, from
+    :func:`dequant_constants` as the kernel forms them (bf16: the zero itself, the magic subtracted in the asm)."""
+    from kernels import gluon_attention as ga
+
+    _, fs, fb = ga.dequant_constants(bits, bf16)
+    if bf16:
+        regs = [(_bf16_bits(np.array([s * fs]))[0], _bf16_bits(np.array([z]))[0]) for s, z in halves]
+    else:
+        f16 = np.float16
+        regs = [(f16(s) * f16(fs), f16(f16(z) + f16(s) * f16(fs) * f16(fb))) for s, z in halves]
+        regs = [tuple(int(np.array([v], np.float16).view(np.uint16)[0]) for v in r) for r in regs]
+    return (np.uint32(regs[0][0] | regs[1][0] << 16), np.uint32(regs[0][1] | regs[1][1] << 16))
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_gluon_3bit_pairs_emulated(bf16):
     """3-bit parts on the Gluon kernel, emulated on CPU for random words (10 codes per word, 13 per row): every lane's
-    fp16 (bf16) pairs, built as the kernel builds them (keys: words 3a .. 3a+2 spread so codes j and j + 5 sit 16
-    bits apart, word 12 shifted by 3a; values: the per-token extra word, then the prmt merges of the kernel's own
-    strings) and dequantized by the kernel's PTX string with its rotation, are the codes of the channels the
-    layouts name (``tok3_key_channel``, ``v3_channel``, both permutations of the 128 channels), in both halves."""
+    fp16 (bf16) pairs, built by the scheme's Python twins of the kernel's integer steps (keys: ``spread3`` of words
+    3a .. 3a+2, word 12 shifted by 3a; values: ``extra3``, then the prmt merges of the kernel's own strings) and
+    dequantized by the kernel's PTX string with its rotation and ``dequant_constants``' prepared scale and bias, with
+    a different scale and zero for each of a value pair's two tokens, are ``code s + z`` of the channels the layouts
+    name (``tok3_key_channel``, ``v3_channel``, both permutations of the 128 channels), in both halves. (The kernel's
+    own integer steps run only on the GPU, where the float64 tests check them.)"""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     from kernels import gluon_attention as ga
 
@@ -1030,20 +1061,19 @@ def test_gluon_3bit_pairs_emulated(bf16):
     words = ref.pack(torch.from_numpy(codes), 3).numpy().astype(np.int64).astype(np.uint32)  # [2 tokens, n, 13]
     assert words.shape == (2, n, 13)
     mant = 7 if bf16 else 10
-    one = _bf16_bits(np.array([0.25]))[0] if bf16 else int(np.array([0.25], np.float16).view(np.uint16)[0])
-    if bf16:  # values' form: prepared scale s / 4, the zero itself (the magic is subtracted first)
-        sc, zr = np.uint32(one | one << 16), np.uint32(0)
-    else:  # s / 4 and the bias z - 2^3 s for s = 1, z = 0
-        b = int(np.array([-8.0], np.float16).view(np.uint16)[0])
-        sc, zr = np.uint32(one | one << 16), np.uint32(b | b << 16)
     deq = ga._deq_asm(3, False, bf16)
+    sz = ((0.5, -3.0), (2.0, 5.0))  # (scale, zero) of the pair's two halves: exact results in fp16 and bf16
 
-    def dequant(x, pos):
+    def dequant(x, pos, halves=sz):
+        sc, zr = _prepared(3, halves, bf16)
         out = _run_ptx(deq, {"$1": x, "$2": x, "$3": np.uint32((mant - 3 - pos) % 32),
                              "$4": np.uint32((mant - 3 - pos) % 32), "$5": sc, "$6": zr})["$0"]
+        got = [(out >> (16 * k) & 0xFFFF) for k in (0, 1)]
         if bf16:
-            return [_bf16_val(out >> (16 * k) & 0xFFFF) for k in (0, 1)]
-        return [(out >> (16 * k) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64) for k in (0, 1)]
+            got = [_bf16_val(h) for h in got]
+        else:
+            got = [h.astype(np.uint16).view(np.float16).astype(np.float64) for h in got]
+        return [(h - z) / s for h, (s, z) in zip(got, halves, strict=True)]  # back to codes
 
     keys = [ga.tok_key_channel(k, 3) for k in range(128)]
     assert sorted(keys) == list(range(128))
@@ -1053,7 +1083,7 @@ def test_gluon_3bit_pairs_emulated(bf16):
         x12 = (x12 & 0xFFFF) | ((x12 << np.uint32(4)) & 0xFFFF0000)
         for f in range(16):
             x = np.array([ga.spread3(int(v)) for v in w[:, 3 * a + f // 5]], dtype=np.uint32) if f < 15 else x12
-            lo, hi = dequant(x, 3 * (f % 5) if f < 15 else 0)
+            lo, hi = dequant(x, 3 * (f % 5) if f < 15 else 0, (sz[0], sz[0]))  # keys: one token per pair
             for e, half in ((0, lo), (1, hi)):
                 assert np.array_equal(half, codes[0, :, keys[8 * f + 2 * a + e]]), (a, f, e)
     chans = [ga.v3_channel(t, r) for t in range(16) for r in range(8)]
@@ -1081,28 +1111,28 @@ def test_gluon_3bit_pairs_emulated(bf16):
 def test_gluon_1bit_values_emulated(bf16):
     """1-bit values on the Gluon kernel, emulated on CPU: lane row ``r``'s two tokens' words (word ``r // 2``) merged
     by the kernel's ``prmt`` with its per-lane selector (low halves for even ``r``, high halves for odd) and
-    dequantized by its PTX string with rotation ``rotation(t, 1)`` give both tokens' codes of channel ``16 r + t``
-    (the 2/4-bit output order, so the output rows and outlier slots need nothing of their own)."""
+    dequantized by its PTX string with rotation ``rotation(t, 1)`` and ``dequant_constants``' prepared scale and bias
+    give ``code s + z`` of channel ``16 r + t`` for both tokens, each with its own scale and zero (the 2/4-bit output
+    order, so the output rows and outlier slots need nothing of their own)."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     from kernels import gluon_attention as ga
 
     rng = np.random.default_rng(44 + bf16)
     codes = rng.integers(0, 2, (2, 64, 128))
     words = ref.pack(torch.from_numpy(codes), 1).numpy().astype(np.int64).astype(np.uint32)  # [2, 64, 4]
-    q = _bf16_bits(np.array([0.25]))[0] if bf16 else int(np.array([0.25], np.float16).view(np.uint16)[0])
-    b = 0 if bf16 else int(np.array([-2.0], np.float16).view(np.uint16)[0])  # z - 2^1 s for s = 1, z = 0
+    halves = ((0.5, -3.0), (2.0, 5.0))  # each token's (scale, zero): exact results in fp16 and bf16
+    sc, zr = _prepared(1, halves, bf16)
     sel = ga.MERGE_SEL.value if hasattr(ga.MERGE_SEL, "value") else ga.MERGE_SEL
     for r in range(8):
         x = _run_ptx(sel, {"$2": words[0, :, r // 2], "$3": words[1, :, r // 2],
                            "$4": np.uint32(0x5410 if r % 2 == 0 else 0x7632)})["$0"]
         for t in range(16):
             rot = np.uint32(ga.rotation(t, 1, bf16))
-            out = _run_ptx(ga._deq_asm(1, False, bf16), {"$1": x, "$2": x, "$3": rot, "$4": rot,
-                                                        "$5": np.uint32(q | q << 16), "$6": np.uint32(b | b << 16)})
-            for e in (0, 1):
+            out = _run_ptx(ga._deq_asm(1, False, bf16), {"$1": x, "$2": x, "$3": rot, "$4": rot, "$5": sc, "$6": zr})
+            for e, (s_, z_) in enumerate(halves):
                 h = out["$0"] >> (16 * e) & 0xFFFF
                 got = _bf16_val(h) if bf16 else h.astype(np.uint16).view(np.float16).astype(np.float64)
-                assert np.array_equal(got, codes[e, :, 16 * r + t]), (r, t, e)
+                assert np.array_equal(got, codes[e, :, 16 * r + t] * s_ + z_), (r, t, e)
 
 
 def _apply_bases(bases: list, o: int) -> tuple:
