@@ -53,9 +53,11 @@ PROGRAMS_PER_SM = int(os.environ.get("KV_PROGRAMS_PER_SM", 32))
 PACKED_WARPS = int(os.environ.get("KV_PACKED_WARPS", 1))
 PACKED_PROGRAMS_PER_SM = int(os.environ.get("KV_PACKED_PROGRAMS_PER_SM", 16))
 PACKED_STAGES = int(os.environ.get("KV_PACKED_STAGES", 3))
-# several part pairs (QAQ's widths, MiKV's two precisions, a packed part beside its dense residual): each pair's launch
-# on a stream of its own, forked from and joined back to the caller's, so a launch's tail overlaps the next one's
-# programs instead of the GPU idling between them (0: one after another on the caller's stream)
+# several part pairs (QAQ's widths, MiKV's two precisions, a packed part beside its dense residual) captured into a
+# CUDA graph: each pair's launch on a stream of its own, forked from and joined back to the caller's, so in the replay
+# a launch's tail overlaps the next one's programs instead of the GPU idling between them (32k QAQ-format mix: 200-202
+# us against 210). Eager calls keep one stream: the fork and join cost 50-70 us of host time per extra pair, far more
+# than the overlap gains (0: never)
 STREAMS = os.environ.get("KV_STREAMS", "1") == "1"
 FOLD_K = os.environ.get("KV_FOLD_K", "1") == "1"  # per-channel keys: scales folded into q (tile = raw codes)
 # fp16 caches: dequantize per-channel keys in fp16 too (instead of folding), and on GPUs turn codes into fp16 with the
@@ -419,7 +421,8 @@ def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, scores: t
     s_total = sum(p.nsplit for p in plans)
     out_p = new_empty((H, s_total, M, D), torch.float32, q.device)
     lse_p = new_empty((H, s_total, M), torch.float32, q.device)
-    side = _side_streams(q.device, len(plans) - 1) if STREAMS and q.is_cuda and len(plans) > 1 else []
+    fork = STREAMS and q.is_cuda and len(plans) > 1 and torch.cuda.is_current_stream_capturing()
+    side = _side_streams(q.device, len(plans) - 1) if fork else []
     main = torch.cuda.current_stream(q.device) if side else None
     for st in side:  # everything the launches read was written on the caller's stream
         st.wait_stream(main)

@@ -720,10 +720,10 @@ def test_gluon_scope_of_tokenquant_keys():
 
 @gpu_only
 def test_pairs_on_side_streams(monkeypatch):
-    """Several part pairs (QAQ's widths on the Gluon kernel, a dense residual on the Triton kernel) launch on side
-    streams forked from the caller's and joined before the merge: the same output and scores, bit for bit, as one
-    launch after another (static schedule), eagerly and replayed from a CUDA graph captured with them; and the caller's
-    stream sees the results without any other synchronization (the next op reads them on it)."""
+    """Several part pairs (QAQ's widths on the Gluon kernel, a dense residual on the Triton kernel) captured into a
+    CUDA graph launch on side streams forked from the caller's and joined before the merge: replays give the same
+    output and scores, bit for bit, as one launch after another (static schedule), and the caller's stream sees the
+    results without any other synchronization (the next op reads them on it). Eager calls use no side stream."""
     from kernels import triton_attention as ta
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -755,8 +755,9 @@ def test_pairs_on_side_streams(monkeypatch):
         monkeypatch.setattr(ta, "STREAMS", False)
         want = run()
         monkeypatch.setattr(ta, "STREAMS", True)
+        monkeypatch.setattr(ta, "_SIDE", {})
         got = run()
-        assert ta._SIDE, "no side streams were used"
+        assert not ta._SIDE, "an eager call forked"
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
         static = [torch.empty_like(t) for t in want]
@@ -769,6 +770,7 @@ def test_pairs_on_side_streams(monkeypatch):
         with torch.cuda.graph(graph):
             for dst, src in zip(static, run(), strict=True):
                 dst.copy_(src)
+        assert ta._SIDE, "the capture used no side stream"
         for _ in range(3):
             for t in static:
                 t.fill_(float("nan"))
