@@ -628,6 +628,12 @@ def _k5_of(x):
 
 
 @gluon.jit
+def _spread3(w):
+    """:func:`spread3` in the kernel."""
+    return (w & 0x7FFF) | ((w << 1) & 0x7FFF0000)
+
+
+@gluon.jit
 def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
     """fp16 (bf16) 3-bit TokenQuant key chunk ``[16 tokens, 128 channels]`` (A operand, channels in the order of
     :func:`tok3_key_channel`) from the words ``[2 h, 8 r, 4 a, 4 w]`` (:data:`KW3`) and scales / zeros of
@@ -638,9 +644,9 @@ def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
     _, _, aa = _idx3(TSC, 2, 8, 4)
     w3 = gl.convert_layout(w3, TSC, assert_trivial=True) >> (3 * aa)
     x3 = (w3 & 0xFFFF) | ((w3 << 4) & -65536)  # code a at bit 0, code a + 4 at bit 16
-    x0 = _k5_of((w0 & 0x7FFF) | ((w0 << 1) & 0x7FFF0000))  # spread3
-    x1 = _k5_of((w1 & 0x7FFF) | ((w1 << 1) & 0x7FFF0000))
-    x2 = _k5_of((w2 & 0x7FFF) | ((w2 << 1) & 0x7FFF0000))
+    x0 = _k5_of(_spread3(w0))
+    x1 = _k5_of(_spread3(w1))
+    x2 = _k5_of(_spread3(w2))
     ff = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
     ff = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(ff, 0), 1), 3), 4) + gl.full(
         [2, 8, 16, 4, 2], 0, gl.int32, layout=K5)
@@ -657,6 +663,28 @@ def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
     bz = gl.expand_dims(gl.expand_dims(gl.convert_layout(bz, SL, assert_trivial=True), 2), 4)
     y = _deq(x, sh, gl.broadcast(sp, x)[0], gl.broadcast(bz, x)[0], 3, False, BF16)
     return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _vrows():
+    """Each element's row ``t`` of a value chunk (``8 t + r`` is its accumulator row), :data:`V5` int32."""
+    tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
+    return gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + gl.full(
+        [16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
+
+
+@gluon.jit
+def _vdeq(x, sh, sc, zr, BITS: gl.constexpr, FS: gl.constexpr, FB: gl.constexpr, BF16: gl.constexpr):
+    """A value chunk's A operand from merged words ``x`` and rotations ``sh`` (:data:`V5`) and the per-token scales
+    and zeros (:data:`V4`): prepared scale ``s FS`` and bias ``z - FB s FS`` (bf16: the zero, :func:`_deq`)."""
+    sp = sc * FS
+    s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
+    if BF16:
+        z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
+    else:
+        z5 = gl.broadcast(gl.expand_dims(zr - sp * FB, 0), x)[0]
+    y = _deq(x, sh, s5, z5, BITS, False, BF16)
+    return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
 
 
 @gluon.jit
@@ -682,22 +710,14 @@ def _vchunk01(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS:
     zero5 = gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
     if BITS == 0:
         y = gl.broadcast(gl.expand_dims(zr, 0), zero5)[0]
+        a = gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
     else:
         vr, _, _, _ = _idx4(V4, 8, 2, 4, 2)
         x = _merge_sel(w0, gl.where(vr % 2 == 0, 0x5410, 0x7632), V3)
         x = gl.expand_dims(gl.expand_dims(gl.convert_layout(x, gl.SliceLayout(3, V4), assert_trivial=True), 3), 0)
         x = x + zero5
-        tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
-        tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
-        sh = _rot(tt, 1, BF16)
-        sp = sc * V_FS1
-        s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
-        if BF16:
-            z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
-        else:
-            z5 = gl.broadcast(gl.expand_dims(zr - sp * V_FB1, 0), x)[0]
-        y = _deq(x, sh, s5, z5, 1, False, BF16)
-    return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
+        a = _vdeq(x, _rot(_vrows(), 1, BF16), sc, zr, 1, V_FS1, V_FB1, BF16)
+    return a
 
 
 @gluon.jit
@@ -733,21 +753,12 @@ def _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, MASKED
     mid0 = gl.expand_dims(gl.expand_dims(gl.convert_layout(mid0, S4, assert_trivial=True), 3), 0) + zero5
     lon = gl.expand_dims(gl.expand_dims(gl.convert_layout(lon, S4, assert_trivial=True), 3), 0) + zero5
     hin = gl.expand_dims(gl.expand_dims(gl.convert_layout(hin, S4, assert_trivial=True), 3), 0) + zero5
-    tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
-    tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
+    tt = _vrows()
     x = gl.where(tt < 5, lo0, gl.where(tt == 5, mid0, gl.where(tt < 10, hi0, gl.where(tt < 15, lon, hin))))
     pos = gl.where(tt < 5, 3 * tt, gl.where(tt == 5, 7, gl.where(tt < 10, 3 * tt - 16,
                                                                  gl.where(tt < 15, 3 * (tt - 10), 0))))  # v3_source
     MANT: gl.constexpr = 7 if BF16 else 10
-    sh = (MANT - 3 - pos + 32) % 32
-    sp = sc * V_FS3
-    s5 = gl.broadcast(gl.expand_dims(sp, 0), x)[0]
-    if BF16:
-        z5 = gl.broadcast(gl.expand_dims(zr, 0), x)[0]
-    else:
-        z5 = gl.broadcast(gl.expand_dims(zr - sp * V_FB3, 0), x)[0]
-    y = _deq(x, sh, s5, z5, 3, False, BF16)
-    return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
+    return _vdeq(x, (MANT - 3 - pos + 32) % 32, sc, zr, 3, V_FS3, V_FB3, BF16)
 
 
 @gluon.jit

@@ -457,7 +457,7 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
     same kernel with bf16 operands (exponent range of fp32: 1e-4 is only another scale). Keys are ChannelQuant
     (KIVI, ``kf`` "C") or TokenQuant (QAQ, "T", groups of ``kg`` channels)."""
     from kernels import gluon_attention as ga
-    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_attention import PairPlan
     from kernels.triton_tiles import PartSpec
 
     taken = []
@@ -483,6 +483,16 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
                     [vo[h] + starts[h] for h in range(H)], cnts, nsplit=7, newr=newr, device=DEV)
     assert plan.uniform == uniform
     q = _randn(H, M, d, g=g, dtype=dtype, scale=1 if amp == 1 else 0.5 / amp)
+    _gluon_vs_float64(ga, taken, q, plan, k_part, v_part, starts, cnts, newr, lq, want, dtype)
+
+
+def _gluon_vs_float64(ga, taken, q, plan, k_part, v_part, starts, cnts, newr, lq, want, dtype):
+    """Run ``plan`` (one pair) on the Gluon kernel and check it against float64: it was taken (``taken``, filled by
+    the test's patched launch), the launch compiles nothing beyond ``resident_programs`` (without scores), the lse is
+    finite where the reference's is, output and scores within the dtype's tolerance. Returns ``(o64, fin)``."""
+    from kernels.triton_attention import attend_pairs
+
+    H, M, d = q.shape
     o64, l64, s64 = _ref64_causal(q, k_part, v_part, d ** -0.5, starts, cnts, newr, lq)
     scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
     ga.resident_programs(plan)
@@ -498,6 +508,7 @@ def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, wa
     if want:
         sfin = torch.isfinite(s64)
         assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[dtype]
+    return o64, fin
 
 
 def _compiled(ga) -> int:
@@ -602,7 +613,7 @@ def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want
     schedule. Each side's outliers change the reference output by more than the tolerance (so a kernel that dropped
     either would fail)."""
     from kernels import gluon_attention as ga
-    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_attention import PairPlan
     from kernels.triton_tiles import PartSpec
 
     taken = []
@@ -632,21 +643,7 @@ def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want
     plan = PairPlan(kspec, vspec, [ko[h] + starts[h] for h in range(H)], [vo[h] + starts[h] for h in range(H)], cnts,
                     nsplit=7, newr=newr, device=DEV)
     q = _randn(H, M, d, g=g, dtype=dtype)
-    o64, l64, s64 = _ref64_causal(q, k_part, v_part, d ** -0.5, starts, cnts, newr, lq)
-    scores = torch.full((H, M, max(cnts)), float("-inf"), device=DEV) if want else None
-    ga.resident_programs(plan)
-    compiled = _compiled(ga)
-    out, lse = attend_pairs(q, [plan], d ** -0.5, scores, lq)
-    assert taken, "the Gluon kernel was not used"
-    if not want:  # the launch runs the kernel resident_programs compiled (and counted the registers of)
-        assert _compiled(ga) == compiled
-    fin = torch.isfinite(l64)
-    assert torch.equal(torch.isfinite(lse), fin)
-    assert relerr(out[fin], o64[fin]) < TOL[dtype]
-    assert float((lse[fin].double() - l64[fin]).abs().max()) < 1e-1
-    if want:
-        sfin = torch.isfinite(s64)
-        assert torch.equal(torch.isinf(scores), ~sfin) and relerr(scores[sfin], s64[sfin]) < TOL[dtype]
+    o64, fin = _gluon_vs_float64(ga, taken, q, plan, k_part, v_part, starts, cnts, newr, lq, want, dtype)
     for side, most in ((0, k_most), (1, v_most)):
         if most:
             parts = [k_part, v_part]
