@@ -99,17 +99,21 @@ def part_bytes(p, spec=None, value: bool = False) -> int:
     """Bytes of a part's tensors that a decode step reads: codes, scales, zeros and its outliers, as stored (int32
     index + value) or, where the Gluon kernel serves the part (``spec`` given), as the fixed slots it reads instead
     (gluon_attention.outlier_slots, built once per part and kept beside the stored pairs): the first plane, 2 slots
-    of 4 bytes per row; the second plane, read only for the 16-row chunks that have a row with a third or fourth
-    outlier (about 4% of them for QAQ's rows), is not counted."""
+    of 4 bytes per row, and two 4-byte prefix counts per 64 rows (a half tile's flag); the second plane, read only
+    for the half tiles that have a row with a third or fourth outlier (about 14% of them for QAQ's rows), is not
+    counted."""
     if hasattr(p, "x"):
         return _nbytes(p.x)
     ell = None
     if spec is not None:
-        from kernels.gluon_attention import outlier_slots
+        from kernels.gluon_attention import outlier_slots, slot_views
 
         ell = outlier_slots(spec, value)
-    outl = (ell[0],) if ell is not None else (getattr(p, "out_idx", None), getattr(p, "out_val", None))
-    return _nbytes(p.words, p.scale if p.nbits else None, p.zero, *outl)
+    if ell is not None:
+        rows = spec.nrows
+        return _nbytes(p.words, p.scale if p.nbits else None, p.zero, slot_views(ell, rows)[0]) + 8 * -(-rows // 64)
+    return _nbytes(p.words, p.scale if p.nbits else None, p.zero, getattr(p, "out_idx", None),
+                   getattr(p, "out_val", None))
 
 
 def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:

@@ -887,9 +887,9 @@ def _slot_layout(slots):
 
 @gluon.jit
 def _slots(ell, row, nrows, MASKED: gl.constexpr, BF16: gl.constexpr):
-    """The two outlier slots of a plane for the 16 rows ``row`` (a chunk's score rows): the byte offsets of their
-    channels' rows in the ``[128, 8]`` buffers ``[16, 1, 2]`` (int32), their deltas ``[16, 1, 2]`` (float32) in
-    :func:`_slot_layout`, and whether any of the rows has slots in the second plane (the first slot's sign bit)."""
+    """The two outlier slots of a plane (``ell``: its first row's slots) for the 16 rows ``row`` (a chunk's score
+    rows): the byte offsets of their channels' rows in the ``[128, 8]`` buffers ``[16, 1, 2]`` (int32) and their
+    deltas ``[16, 1, 2]`` (float32) in :func:`_slot_layout`."""
     L3: gl.constexpr = _slot_layout(2)
     LE: gl.constexpr = gl.SliceLayout(1, L3)
     r = gl.convert_layout(row, gl.SliceLayout(1, LE), assert_trivial=True)
@@ -906,8 +906,24 @@ def _slots(ell, row, nrows, MASKED: gl.constexpr, BF16: gl.constexpr):
         dl = lo.to(gl.bfloat16, bitcast=True).to(gl.float32)
     else:
         dl = lo.to(gl.float16, bitcast=True).to(gl.float32)
-    more = gl.min(gl.min(ew, 1), 0) < 0  # some row's first slot has its sign bit (no other slot word is negative)
-    return gl.expand_dims(off, 1), gl.expand_dims(dl, 1), more
+    return gl.expand_dims(off, 1), gl.expand_dims(dl, 1)
+
+
+@gluon.jit
+def _more(ell, lo, nrows):
+    """Whether any of the rows ``lo .. lo + 63`` (a half tile's; clamped to the part) has slots in the second plane:
+    the difference of two of the part's prefix counts (:func:`outlier_slots`), two loads of one address per warp, so
+    the branch on it is warp-uniform and needs no reduction across lanes."""
+    pre = ell + 2 * nrows
+    a = gl.minimum(gl.maximum(lo, 0), nrows)
+    b = gl.minimum(gl.maximum(lo + 64, 0), nrows)
+    return gl.load(pre + b) > gl.load(pre + a)
+
+
+@gluon.jit
+def _plane1(ell, nrows):
+    """The second plane's first slot (after plane 0 and the prefix counts, padded to an even length)."""
+    return ell + 2 * nrows + ((nrows + 2) // 2) * 2
 
 
 @gluon.jit
@@ -927,17 +943,12 @@ def _k_terms(qbase, off, dl):
 
 
 @gluon.jit
-def _k_out(s, k_ell, tok, k_nrows, qbase, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
-    """Scores ``s [16, 8]`` (log2 units) plus the key outliers' terms ``sum_j q'[m, c_j] delta_j`` of each token
-    row, with the scaled queries ``q'`` read from shared memory at ``qbase`` (``[128 channels, 8 queries]``); the
-    second plane (``S`` = 4) only for chunks that have a row with slots there (a warp-uniform branch)."""
-    off, dl, more = _slots(k_ell, tok, k_nrows, MASKED, BF16)
-    s = s + _k_terms(qbase, off, dl)
-    if S == 4:
-        if more:
-            off2, dl2, _ = _slots(k_ell + 2 * k_nrows, tok, k_nrows, MASKED, BF16)
-            s = s + _k_terms(qbase, off2, dl2)
-    return s
+def _k_out(s, ell, tok, k_nrows, qbase, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """Scores ``s [16, 8]`` (log2 units) plus the terms ``sum_j q'[m, c_j] delta_j`` of one plane's two key-outlier
+    slots (``ell``: the plane) of each token row, with the scaled queries ``q'`` read from shared memory at ``qbase``
+    (``[128 channels, 8 queries]``)."""
+    off, dl = _slots(ell, tok, k_nrows, MASKED, BF16)
+    return s + _k_terms(qbase, off, dl)
 
 
 @gluon.jit
@@ -950,18 +961,14 @@ def _v_red(cbase, pm, off, dl, v_fix):
 
 
 @gluon.jit
-def _v_out(cbase, p, v_ell, vrow, v_nrows, v_fix, M, S: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
-    """Add ``delta_j p[t, m]`` of each value outlier of the chunk's tokens (rows ``vrow``), in fixed point (times
-    ``v_fix``), to the shared correction buffer at its output row (the accumulator's row of channel ``c``,
-    :func:`out_row`: ``8 (c % 16) + c // 16``, for 3-bit values the inverse of :func:`v3_channel`; the slots hold
-    it) and query ``m < M``; the second plane as in :func:`_k_out`."""
-    off, dl, more = _slots(v_ell, vrow, v_nrows, MASKED, BF16)
+def _v_out(cbase, p, ell, vrow, v_nrows, v_fix, M, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """Add ``delta_j p[t, m]`` of one plane's two value-outlier slots (``ell``: the plane) of the chunk's tokens (rows
+    ``vrow``), in fixed point (times ``v_fix``), to the shared correction buffer at its output row (the accumulator's
+    row of channel ``c``, :func:`out_row`: ``8 (c % 16) + c // 16``, for 3-bit values the inverse of
+    :func:`v3_channel`; the slots hold it) and query ``m < M``."""
+    off, dl = _slots(ell, vrow, v_nrows, MASKED, BF16)
     pm = gl.where(gl.expand_dims(gl.arange(0, 8, layout=COL_L), 0) < M, p, 0.0)
     _v_red(cbase, pm, off, dl, v_fix)
-    if S == 4:
-        if more:
-            off2, dl2, _ = _slots(v_ell + 2 * v_nrows, vrow, v_nrows, MASKED, BF16)
-            _v_red(cbase, pm, off2, dl2, v_fix)
 
 
 @gluon.jit
@@ -980,17 +987,24 @@ def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexp
 
 
 @gluon.jit
-def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-            NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS: gl.constexpr, WANT_SCORES: gl.constexpr,
-            MASKED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr):
-    """Scores ``S^T [16 tokens, 8 queries]`` (log2 units) of chunk ``i`` of the half tile whose chunk 0 starts at
-    ``T0`` (physical tokens ``T0 + trow + 2 i``), masked on boundary tiles; stored (natural units) when asked. The
-    key chunk comes from ``klo, khi, ksc, kzr`` (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`);
-    ``K_OUT`` slots of key outliers per row (:func:`_k_out`)."""
+def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, i: gl.constexpr, T0, trow, k_ell, k_nrows, cbase,
+            K_BITS: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr):
+    """Scores ``S^T [16 tokens, 8 queries]`` (log2 units, unmasked) of chunk ``i`` of the half tile whose chunk 0
+    starts at ``T0`` (physical tokens ``T0 + trow + 2 i``). The key chunk comes from ``klo, khi, ksc, kzr``
+    (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`); with key outliers (``K_OUT``) the terms of each
+    row's first two slots (:func:`_k_out`; a third and fourth: :func:`_half`)."""
     s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
-    tok = T0 + trow + 2 * i
     if K_OUT > 0:
-        s = _k_out(s, k_ell, tok, k_nrows, cbase + 4096, K_OUT, MASKED, BF16)
+        s = _k_out(s, k_ell, T0 + trow + 2 * i, k_nrows, cbase + 4096, MASKED, BF16)
+    return s
+
+
+@gluon.jit
+def _seen(s, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ,
+          WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
+    """Chunk ``i``'s scores (:func:`_scores`) masked on boundary tiles (tokens outside the head's rows, causal new
+    rows), and stored (natural units) when asked."""
+    tok = T0 + trow + 2 * i
     if MASKED:
         see = (tok >= kbeg) & (tok < kbeg + cnt)
         see2 = gl.expand_dims(see, 1) & (gl.expand_dims(tok - new0, 1) <= gl.expand_dims(qcol % LQ, 0))
@@ -1100,14 +1114,35 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     vptr = v_data + (vrow0 * ((128 + VPER - 1) // VPER) + vw_off)
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
     zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
-    s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
-    s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
-    s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
-    s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M,
-                 NMAX, COLBASE, col, LQ, k_ell, k_nrows, cbase, K_BITS, WANT_SCORES, MASKED, BF16, K_TOK, K_OUT)
+    # outliers' second planes: one warp-uniform flag per half tile and side, loaded first (their latency hides
+    # behind the key chunks)
+    if K_OUT == 4:
+        kmore = _more(k_ell, T8, k_nrows)
+    else:
+        kmore = False
+    if V_OUT == 4:
+        vmore = _more(v_ell, vrow0, v_nrows)
+    else:
+        vmore = False
+    s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, 0, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
+                 BF16, K_TOK, K_OUT)
+    s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, 1, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
+                 BF16, K_TOK, K_OUT)
+    s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, 2, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
+                 BF16, K_TOK, K_OUT)
+    s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, 3, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
+                 BF16, K_TOK, K_OUT)
+    if K_OUT == 4:
+        if kmore:  # a third and fourth key outlier in some row of the half tile (QAQ's ties: ~14% of half tiles)
+            k1 = _plane1(k_ell, k_nrows)
+            s0 = _k_out(s0, k1, T8 + trow, k_nrows, cbase + 4096, MASKED, BF16)
+            s1 = _k_out(s1, k1, T8 + trow + 2, k_nrows, cbase + 4096, MASKED, BF16)
+            s2 = _k_out(s2, k1, T8 + trow + 4, k_nrows, cbase + 4096, MASKED, BF16)
+            s3 = _k_out(s3, k1, T8 + trow + 6, k_nrows, cbase + 4096, MASKED, BF16)
+    s0 = _seen(s0, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
+    s1 = _seen(s1, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
+    s2 = _seen(s2, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
+    s3 = _seen(s3, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
     mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
     m_new = gl.maximum(m_i, gl.max(mx, 0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -1123,10 +1158,17 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
     if V_OUT > 0:  # before the value tiles: their registers and these do not overlap
-        _v_out(cbase, p0, v_ell, vrow0 + trow, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
-        _v_out(cbase, p1, v_ell, vrow0 + trow + 2, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
-        _v_out(cbase, p2, v_ell, vrow0 + trow + 4, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
-        _v_out(cbase, p3, v_ell, vrow0 + trow + 6, v_nrows, v_fix, M, V_OUT, MASKED, BF16)
+        _v_out(cbase, p0, v_ell, vrow0 + trow, v_nrows, v_fix, M, MASKED, BF16)
+        _v_out(cbase, p1, v_ell, vrow0 + trow + 2, v_nrows, v_fix, M, MASKED, BF16)
+        _v_out(cbase, p2, v_ell, vrow0 + trow + 4, v_nrows, v_fix, M, MASKED, BF16)
+        _v_out(cbase, p3, v_ell, vrow0 + trow + 6, v_nrows, v_fix, M, MASKED, BF16)
+        if V_OUT == 4:
+            if vmore:  # a third and fourth value outlier in some row of the half tile
+                v1 = _plane1(v_ell, v_nrows)
+                _v_out(cbase, p0, v1, vrow0 + trow, v_nrows, v_fix, M, MASKED, BF16)
+                _v_out(cbase, p1, v1, vrow0 + trow + 2, v_nrows, v_fix, M, MASKED, BF16)
+                _v_out(cbase, p2, v1, vrow0 + trow + 4, v_nrows, v_fix, M, MASKED, BF16)
+                _v_out(cbase, p3, v1, vrow0 + trow + 6, v_nrows, v_fix, M, MASKED, BF16)
     if V_Z:
         zc = p0 * _zrow(v_zero, vrow0 + trow, v_nrows, MASKED)
         zc += p1 * _zrow(v_zero, vrow0 + trow + 2, v_nrows, MASKED)
@@ -1417,11 +1459,14 @@ MAX_SLOTS = 4  # outlier slots per row the kernel takes (QAQ's default keeps 2 p
 
 
 def outlier_slots(spec, value: bool = False) -> torch.Tensor | None:
-    """A TokenQuant part's outliers as fixed slots, ``[planes, rows, 2]`` int32: a row's first two outliers in plane
-    0, a third and fourth (QAQ keeps 3 where a row ties at an extreme, 0.2% of rows) in plane 1, which exists only
-    when some row has them; the sign bit of a row's first slot says that it has. A slot holds the byte offset of the
-    channel's row in the kernel's ``[128, 8]`` float32 buffers (``32 out_row(channel)``, bits 16-27) and the 16 bits
-    of ``value - dequantized code`` in the cache dtype (the CSR's delta, rounded once; bits 0-15); empty slots 0.
+    """A TokenQuant part's outliers as fixed slots: one flat int32 tensor (:func:`slot_views` names its pieces) of
+    plane 0 (``[rows, 2]``: a row's first two outliers), the rows' prefix counts of plane-1 rows (``rows + 1``
+    entries, padded to an even length: entry ``r`` counts the rows before ``r`` that have a third or fourth
+    outlier) and plane 1 (``[rows, 2]``: those third and fourth outliers; QAQ keeps 3 where a row ties at an
+    extreme, 0.2% of rows; only when some row has them). The kernel reads plane 1 for a half tile only when two
+    prefix counts say one of its 64 rows has it. A slot holds the byte offset of the channel's row in the kernel's
+    ``[128, 8]`` float32 buffers (``32 out_row(channel)``, bits 16-27) and the 16 bits of ``value - dequantized
+    code`` in the cache dtype (the CSR's delta, rounded once; bits 0-15); empty slots 0.
     ``None`` without outliers, when a row has more than :data:`MAX_SLOTS`, when a delta overflows the 16-bit
     format, when an index repeats or when the outliers are not on the codes' device. Built once per outlier tensor
     from the part's CSR and cached on the part, like the CSR. ``value``: the part is a pair's values (a 3-bit value
@@ -1430,6 +1475,20 @@ def outlier_slots(spec, value: bool = False) -> torch.Tensor | None:
     if not spec.has_out or spec.odelta is None:
         return None
     return _slot_cache(spec, value)[0]
+
+
+def _prefix_len(rows: int) -> int:
+    """Entries of the prefix counts in :func:`outlier_slots` (``rows + 1``, rounded up to even: plane 1's slot
+    pairs stay 8-byte aligned); the kernel's :func:`_plane1` computes the same."""
+    return (rows + 2) // 2 * 2
+
+
+def slot_views(ell: torch.Tensor, rows: int) -> tuple:
+    """The pieces of :func:`outlier_slots`' tensor for a part of ``rows`` rows: plane 0 ``[rows, 2]``, the prefix
+    counts ``[rows + 1]`` and plane 1 ``[rows, 2]`` (``None`` when no row has a third outlier)."""
+    n = _prefix_len(rows)
+    p1 = ell[2 * rows + n:]
+    return ell[:2 * rows].view(rows, 2), ell[2 * rows:2 * rows + rows + 1], (p1.view(rows, 2) if p1.numel() else None)
 
 
 def outlier_fix(spec) -> float:
@@ -1472,14 +1531,16 @@ def _slot_cache(spec, value: bool = False) -> tuple:
     ell, fix = None, 1.0
     if most <= MAX_SLOTS and finite and not repeated and spec.oidx.is_cuda == spec.data.is_cuda:
         planes = 1 if most <= 2 else 2
+        rows = spec.nrows
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
         bits = delta.view(torch.int16).to(torch.int32) & 0xFFFF
-        ell = torch.zeros(planes, spec.nrows, 2, dtype=torch.int32, device=sidx.device)
-        ell[pos // 2, row, pos % 2] = ((out_row(ch, order).to(torch.int32) * 32) << 16) | bits
-        if planes == 2:  # rows with a third or fourth outlier: the sign bit of their first slot says so
-            extra = (ptr[1:] - ptr[:-1]) > 2
-            ell[0, :, 0] |= torch.where(extra, torch.tensor(-(1 << 31), dtype=torch.int32, device=sidx.device), 0)
+        n = _prefix_len(rows)
+        ell = torch.zeros(2 * rows + n + (2 * rows if planes == 2 else 0), dtype=torch.int32, device=sidx.device)
+        # plane p's slot j of row r at (p ? 2 rows + n : 0) + 2 r + j
+        ell[(pos // 2) * (2 * rows + n) + 2 * row + pos % 2] = ((out_row(ch, order).to(torch.int32) * 32) << 16) | bits
+        extra = ((ptr[1:] - ptr[:-1]) > 2).to(torch.int32)  # rows with a third or fourth outlier
+        ell[2 * rows + 1:2 * rows + 1 + rows] = torch.cumsum(extra, 0, dtype=torch.int32)
         most_abs = float(delta.float().abs().max())  # a second sync, only where slots are built
         if most_abs > 0:
             fix = 2.0 ** min(24 - math.ceil(math.log2(most_abs)), 100)
@@ -1493,9 +1554,9 @@ def _slot_cache(spec, value: bool = False) -> tuple:
 
 def _slots_of(spec, value: bool) -> int:
     """The kernel's outlier variant for a part: 0 without outliers, else 4 (up to 4 slots per row: the second plane
-    behind a warp-uniform branch). One variant whether or not the part has a second plane: compiled with that branch,
-    ptxas schedules the chunks without spills (160 registers at 4 bits, against 168 and 272 bytes of spills for the
-    branch-free 2-slot kernel), and no slot count compiles a kernel of its own in the middle of a decode."""
+    behind one warp-uniform branch per half tile, :func:`_more`). One variant whether or not the part has a second
+    plane (a part without one has all-zero prefix counts, so the branch is never taken): no slot count compiles a
+    kernel of its own in the middle of a decode."""
     return 0 if outlier_slots(spec, value) is None else 4
 
 

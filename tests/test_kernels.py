@@ -529,10 +529,10 @@ def _row_outliers(part, per_row, g):
 
 def test_outlier_slots_hand_case():
     """The fixed-slot form of a part's outliers (what the Gluon kernel reads): row i's outliers in channel order, two
-    in plane 0, a third and fourth in plane 1 (only when some row has them; the row's first slot then has its sign
-    bit), each the byte offset of the channel's accumulator row << 16 | the fp16 bits of value - dequantized code;
-    empty slots 0; more than 4 in a row, repeated indices, deltas beyond fp16: none; the fixed-point factor
-    2^(24 - ceil log2 max |delta|)."""
+    in plane 0, a third and fourth in plane 1 (only when some row has them), the prefix counts of the rows with plane
+    1 slots between them; each slot the byte offset of the channel's accumulator row << 16 | the fp16 bits of value
+    - dequantized code; empty slots 0; more than 4 in a row, repeated indices, deltas beyond fp16: none; the
+    fixed-point factor 2^(24 - ceil log2 max |delta|)."""
     from kernels import gluon_attention as ga
     from kernels.triton_tiles import PartSpec
 
@@ -544,24 +544,28 @@ def test_outlier_slots_hand_case():
     part.out_idx = torch.tensor([128 + 7, 5, 128 + 2, 128 + 100], dtype=torch.int32)  # row 0: ch 5; row 1: 2, 7, 100
     part.out_val = torch.tensor([10.0, -3.0, 4.5, 0.25], dtype=torch.float16)
     ell = ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part)))
-    assert ell.shape == (2, 3, 2) and ell.device == cpu  # two planes: row 1 has a third outlier
+    # plane 0 (3 x 2), prefix counts (4 entries, even), plane 1 (3 x 2): row 1 has a third outlier
+    assert ell.shape == (6 + 4 + 6,) and ell.dtype == torch.int32 and ell.device == cpu
+    plane0, prefix, plane1 = ga.slot_views(ell, 3)
 
     def slot(ch, delta):  # the channel's accumulator row 8 (c % 16) + c // 16, as a byte offset (x 32)
         w = ((8 * (ch % 16) + ch // 16) * 32 << 16) | int(torch.tensor(delta, dtype=torch.float16).view(
             torch.int16)) & 0xFFFF
         return w - (1 << 32) if w >= 1 << 31 else w
 
-    flag = -(1 << 31)  # row 1's first slot: it has slots in the second plane
     # row 0 ch 5: code 1 -> -1 + 0.5 = -0.5, delta -2.5; row 1 ch 2 / 7 / 100: codes 1, 0, 3 -> 2.25, 2.0, 2.75
-    assert ell[0].tolist() == [[slot(5, -2.5), 0], [slot(2, 4.5 - 2.25) | flag, slot(7, 10.0 - 2.0)], [0, 0]]
-    assert ell[1].tolist() == [[0, 0], [slot(100, 0.25 - 2.75), 0], [0, 0]]
+    assert plane0.tolist() == [[slot(5, -2.5), 0], [slot(2, 4.5 - 2.25), slot(7, 10.0 - 2.0)], [0, 0]]
+    assert plane1.tolist() == [[0, 0], [slot(100, 0.25 - 2.75), 0], [0, 0]]
+    assert prefix.tolist() == [0, 0, 1, 1]  # rows before r with plane-1 slots: row 1 only
     assert ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part))) is ell  # cached on the part
     assert ga.outlier_fix(PartSpec(part, dispatch.outlier_csr(part))) == 2.0 ** (24 - 3)  # max |delta| 8 = 2^3
     assert [ga.out_row(c) for c in (0, 1, 15, 16, 127)] == [0, 8, 120, 1, 127]
     g = _gen(3)
     for per_row in ([2, 0, 1, 2, 2], [1, 0, 1, 1, 0]):
         two = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), per_row, g)
-        assert ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two))).shape == (1, 5, 2)  # one plane
+        one = ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two)))
+        assert one.shape == (10 + 6,) and ga.slot_views(one, 5)[2] is None  # one plane
+        assert ga.slot_views(one, 5)[1].tolist() == [0] * 6  # no plane-1 rows: the kernel never reads plane 1
     five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 0, 0], g)
     assert ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five))) is None
     dup = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [2, 0, 0, 0, 0], g)
@@ -569,7 +573,7 @@ def test_outlier_slots_hand_case():
     assert ga.outlier_slots(PartSpec(dup, dispatch.outlier_csr(dup))) is None
     b16 = TokenQuant(ref.pack(codes, 2), scale.bfloat16(), zero.bfloat16(), 2, 128, 128, (3,))
     b16.out_idx, b16.out_val = part.out_idx, part.out_val.bfloat16()
-    bits = int(ga.outlier_slots(PartSpec(b16, dispatch.outlier_csr(b16)))[0, 0, 0]) & 0xFFFF
+    bits = int(ga.outlier_slots(PartSpec(b16, dispatch.outlier_csr(b16)))[0]) & 0xFFFF
     assert bits == int(torch.tensor(-2.5, dtype=torch.bfloat16).view(torch.int16)) & 0xFFFF  # bf16 bits
     big = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 0, 0, 0, 0], g)
     big.zero[0] = -60000.0
@@ -650,6 +654,57 @@ def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want
             parts[side] = dataclasses.replace(parts[side], out_idx=None, out_val=None)
             o_bare, _, _ = _ref64_causal(q, *parts, d ** -0.5, starts, cnts, newr, lq)
             assert relerr(o_bare[fin], o64[fin]) > 3 * TOL[dtype], side
+
+
+def _first_two(part):
+    """``part`` without the third and fourth outliers of its rows (in channel order: what plane 1 holds)."""
+    idx = part.out_idx.long()
+    o = torch.argsort(idx)
+    si = idx[o]
+    keep = (torch.arange(si.numel(), device=si.device) - torch.searchsorted(si, si // part.d * part.d)) < 2
+    return dataclasses.replace(part, out_idx=part.out_idx[o][keep].contiguous(),
+                               out_val=part.out_val[o][keep].contiguous())
+
+
+@gpu_only
+@pytest.mark.parametrize("want,dtype", [(False, F16), (True, BF16)])
+def test_gluon_rare_second_plane(want, dtype, monkeypatch, gluon_strict):
+    """QAQ's ties: two outliers in every row, a third or fourth in a few rows only (at a head's first and last row,
+    on both sides of a half-tile edge and inside a tile), so most half tiles skip plane 1 (their flag comes from two
+    prefix counts) and the others must not: against float64, and dropping just those third and fourth outliers
+    changes the reference beyond the tolerance on each side."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan
+    from kernels.triton_tiles import PartSpec
+
+    taken = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
+    g = _gen(99 + want)
+    counts, d, M = (700, 1000, 385), 128, 4
+    H, n = len(counts), sum(counts)
+    ko = dispatch._offsets(counts)
+    k_part = _make("T", counts, d, 4, 128, dtype, g, 0)
+    v_part = _make("T", counts, d, 2, 128, dtype, g, 0)
+    for side, part in enumerate((k_part, v_part)):
+        per_row = torch.full((n,), 2)
+        for h, c in enumerate(counts):
+            for j, r in enumerate((0, 63 + side, 64 + 64 * side, 165, c - 1)):
+                per_row[ko[h] + r] = 3 + (j + side) % 2
+        _row_outliers(part, per_row, g)
+        rare = (per_row > 2).to(DEV)[part.out_idx.long() // d]
+        part.out_val = torch.where(rare, part.out_val * 8, part.out_val)  # so those rows' outliers matter
+    kspec, vspec = PartSpec(k_part, dispatch.outlier_csr(k_part)), PartSpec(v_part, dispatch.outlier_csr(v_part))
+    assert ga.pair_fits(kspec, vspec)
+    starts, cnts = [0] * H, list(counts)
+    plan = PairPlan(kspec, vspec, list(ko[:H]), list(ko[:H]), cnts, nsplit=5, newr=0, device=DEV)
+    q = _randn(H, M, d, g=g, dtype=dtype)
+    o64, fin = _gluon_vs_float64(ga, taken, q, plan, k_part, v_part, starts, cnts, 0, 1, want, dtype)
+    for side in (0, 1):
+        parts = [k_part, v_part]
+        parts[side] = _first_two(parts[side])
+        o_bare, _, _ = _ref64_causal(q, *parts, d ** -0.5, starts, cnts, 0, 1)
+        assert relerr(o_bare[fin], o64[fin]) > 3 * TOL[dtype], side
 
 
 @gpu_only
