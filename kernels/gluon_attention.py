@@ -61,9 +61,9 @@ bf16 caches (bf16 queries, scales and zeros) run the same kernel with bf16 opera
 Sparse outliers (QAQ keeps each row's extremes exact; TokenQuant keys and values, at most 4 per row): each part's
 outliers are laid out once as fixed slots per row (:func:`outlier_slots`). A key outlier adds ``q'[m, c] delta`` to
 its token's scores, which the lane holding the score row computes from the scaled queries kept in shared memory. A
-value outlier adds ``delta p[t, m]`` to output channel ``c``, which another lane holds: the products go in fixed
-point (int32, :func:`outlier_fix`) to a shared buffer by native integer atomics, and the buffer is added to the
-accumulator at the end of each half tile (section "sparse outliers" below).
+value outlier adds ``delta p[t, m]`` to output channel ``c``, which another lane holds: each chunk's deltas are
+written into a ``[128 accumulator rows, 16 tokens]`` fp16 tile in shared memory, read back as an A operand and
+multiplied by the chunk's ``P^T`` (section "sparse outliers" below).
 
 3-bit parts (10 codes per word, 13 words per row) with one scale per row, as QAQ and MiKV store them, take the same
 kernel with their own word-to-lane maps (section "3-bit parts" below); 1-bit values merge half words by ``prmt``; 0-bit
@@ -81,7 +81,6 @@ row, d != 128) runs on :mod:`kernels.triton_attention`.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import struct
 import warnings
@@ -234,15 +233,14 @@ GRAB: gl.constexpr = gl.constexpr("\n".join([
     "{", ".reg .pred p;", ".reg .b32 l;", "mov.u32 l, %laneid;", "setp.eq.u32 p, l, 0;", "mov.u32 $0, 0;",
     "@p atom.global.inc.u32 $0, [$1], $2;", "}"]))
 TICKET: gl.constexpr = gl.constexpr("shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;")
-# value outliers: each product delta * p, in fixed point (times the part's 2^k, rounded to int32), is added to the
-# correction buffer in shared memory by a native integer atomic (float atomics on shared memory are compare-and-swap
-# loops on sm_90: measured 1.6x slower in all); zero products (padding query columns, masked tokens, empty slots)
-# are skipped. SMEM_BASE is the address of the kernel's shared memory, where the outlier buffer is the only
-# allocation (checked at build: _check_smem)
-RED_OUT: gl.constexpr = gl.constexpr("\n".join([
-    "{", ".reg .pred p;", ".reg .s32 t;", "setp.ne.f32 p, $2, 0f00000000;", "cvt.rni.s32.f32 t, $2;",
-    "@p red.shared.add.s32 [$1], t;", "mov.b32 $0, 0;", "}"]))
+# the address of the kernel's shared memory, where the outliers' buffers are the only allocation (checked at build:
+# _check_smem)
 SMEM_BASE: gl.constexpr = gl.constexpr("mov.b32 $0, global_smem;")
+# a value outlier's delta (or a zero) into the chunk's delta tile: the 16 bits of $3 at shared address $1, when the
+# slot word $2 is not empty
+ST_DELTA: gl.constexpr = gl.constexpr("\n".join([
+    "{", ".reg .pred p;", ".reg .b16 h;", "setp.ne.s32 p, $2, 0;", "cvt.u16.u32 h, $3;", "@p st.shared.b16 [$1], h;",
+    "mov.b32 $0, 0;", "}"]))
 # a query pair (two consecutive registers of _slot_layout, adjacent in shared memory) in one load
 LDS_F32X2: gl.constexpr = gl.constexpr("ld.shared.v2.f32 {$0, $1}, [$2];")
 
@@ -872,9 +870,12 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
 # Each row's outliers come as S fixed slots (outlier_slots: the byte offset of the channel's row in the [128, 8]
 # buffers << 16 | the 16 bits of value - dequantized code, empty slots 0). Key outliers change a token's scores: the
 # lane holding score row t adds sum_j q'[m, c_j] delta_j for its queries, q' (scaled queries, float32) read from
-# shared memory. Value outliers add delta_j p[t, m] at output channel c_j, which another lane holds: the products go
-# in int32 fixed point (outlier_fix) to a [128, 8] buffer in shared memory by integer atomics, and the buffer is added
-# to the accumulator (and cleared) at the end of each half tile, where both use the same running max.
+# shared memory. Value outliers add delta_j p[t, m] at output channel c_j, which another lane holds: each chunk's
+# deltas go into a [128 accumulator rows, 16 tokens] fp16 tile in shared memory (one 16-bit store per slot, by the
+# lane that loaded it), which the warp reads back as the A operand of one more P^T product per chunk; two tiles
+# alternate, and a tile's entries are cleared (the same stores, of zeros) only after a barrier that follows every
+# lane's read of it and precedes the next writes to it. The products run at the running max of the value tiles,
+# in the same precision, so nothing is flushed at the half tile's end.
 @gluon.constexpr_function
 def _slot_layout(slots):
     """``[16 tokens, 8 queries, S slots]``: the accumulator layout of a chunk's scores, each lane holding the S
@@ -951,24 +952,53 @@ def _k_out(s, ell, tok, k_nrows, qbase, MASKED: gl.constexpr, BF16: gl.constexpr
     return s + _k_terms(qbase, off, dl)
 
 
-@gluon.jit
-def _v_red(cbase, pm, off, dl, v_fix):
-    """The fixed-point products ``delta_j p[t, m] v_fix`` of two slots per row into the correction buffer."""
-    L3: gl.constexpr = _slot_layout(2)
-    val = gl.expand_dims(gl.convert_layout(pm, gl.SliceLayout(2, L3), assert_trivial=True), 2) * (dl * v_fix)
-    addr = (cbase + off) + _qcol3(2) * 4
-    gl.inline_asm_elementwise(RED_OUT, "=r,r,f", [addr, val], dtype=gl.int32, is_pure=False, pack=1)
+@gluon.constexpr_function
+def _dslot_layout():
+    """``[16 token rows, 2 slots]`` of a chunk, one slot per lane."""
+    return gl.DistributedLinearLayout(reg_bases=[], lane_bases=[[0, 1], [1, 0], [2, 0], [4, 0], [8, 0]],
+                                      warp_bases=[], block_bases=[], shape=[16, 2])
+
+
+DT_L: gl.constexpr = gl.constexpr(gl.SwizzledSharedLayout(8, 4, 2, order=[1, 0]))  # [128 rows, 16 tokens] fp16
 
 
 @gluon.jit
-def _v_out(cbase, p, ell, vrow, v_nrows, v_fix, M, MASKED: gl.constexpr, BF16: gl.constexpr):
-    """Add ``delta_j p[t, m]`` of one plane's two value-outlier slots (``ell``: the plane) of the chunk's tokens (rows
-    ``vrow``), in fixed point (times ``v_fix``), to the shared correction buffer at its output row (the accumulator's
-    row of channel ``c``, :func:`out_row`: ``8 (c % 16) + c // 16``, for 3-bit values the inverse of
-    :func:`v3_channel`; the slots hold it) and query ``m < M``."""
-    off, dl = _slots(ell, vrow, v_nrows, MASKED, BF16)
-    pm = gl.where(gl.expand_dims(gl.arange(0, 8, layout=COL_L), 0) < M, p, 0.0)
-    _v_red(cbase, pm, off, dl, v_fix)
+def _vd_write(dbase, ell, vrow0, i: gl.constexpr, v_nrows, want):
+    """Write one plane of value-outlier deltas of chunk ``i`` (rows ``vrow0 + trow + 2 i``) into the chunk's delta
+    tile at shared address ``dbase`` (``[128 accumulator rows, 16 token rows]`` fp16, :data:`DT_L`: the 16-byte
+    halves of a row swapped on rows ``R`` with ``R // 4`` odd); ``want``: whether to read the plane. Returns each
+    slot's address and word (to clear it after the tile was read)."""
+    L2: gl.constexpr = _dslot_layout()
+    r = gl.arange(0, 16, layout=gl.SliceLayout(1, L2))
+    j = gl.arange(0, 2, layout=gl.SliceLayout(0, L2))
+    row = vrow0 + (8 * (r % 8) + r // 8 + 2 * i)
+    ok = gl.expand_dims((row >= 0) & (row < v_nrows) & want, 1) & gl.expand_dims(j < 2, 0)
+    ew = gl.load(ell + (gl.expand_dims(row * 2, 1) + gl.expand_dims(j, 0)), mask=ok, other=0)
+    R = (ew >> 21) & 0x7F
+    rr = gl.expand_dims(r, 1)
+    addr = dbase + (R * 32 + (((rr // 8) ^ ((R // 4) % 2)) * 16 + (rr % 8) * 2))
+    gl.inline_asm_elementwise(ST_DELTA, "=r,r,r,r", [addr, ew, ew & 0xFFFF], dtype=gl.int32, is_pure=False, pack=1)
+    return addr, ew
+
+
+@gluon.jit
+def _vd_chunk(acc, p, i: gl.constexpr, cbuf, cbase, ell, ell1, vrow0, v_nrows, more, BF16: gl.constexpr):
+    """``acc += D_i^T P_i^T`` for chunk ``i``'s value outliers: both planes' deltas (the second only when ``more``)
+    written into tile ``i % 2``, a barrier, the tile read as the A operand. Returns ``acc`` and the written slots'
+    addresses and words, for :func:`_vd_clear` after the next barrier."""
+    base = cbase + 4096 * (i % 2)
+    a, e = _vd_write(base, ell, vrow0, i, v_nrows, True)
+    b, f = _vd_write(base, ell1, vrow0, i, v_nrows, more)
+    _BARRIER()
+    acc = mma_v2(cbuf.slice(128 * (i % 2), 128).load(A_L), _pt(p, BF16), acc)
+    return acc, a, e, b, f
+
+
+@gluon.jit
+def _vd_clear(a, e, b, f):
+    """Clear the delta-tile entries that :func:`_vd_chunk` wrote (the same stores, of zeros)."""
+    gl.inline_asm_elementwise(ST_DELTA, "=r,r,r,r", [a, e, e * 0], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(ST_DELTA, "=r,r,r,r", [b, f, f * 0], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -995,7 +1025,7 @@ def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, i: gl.constexpr, T0, trow, k
     row's first two slots (:func:`_k_out`; a third and fourth: :func:`_half`)."""
     s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
     if K_OUT > 0:
-        s = _k_out(s, k_ell, T0 + trow + 2 * i, k_nrows, cbase + 4096, MASKED, BF16)
+        s = _k_out(s, k_ell, T0 + trow + 2 * i, k_nrows, cbase + 8192, MASKED, BF16)
     return s
 
 
@@ -1018,9 +1048,8 @@ def _seen(s, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMA
 
 
 @gluon.jit
-def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_BITS: gl.constexpr,
-        VPER: gl.constexpr, V_GROUP: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
-    """``acc += V^T_chunk @ P^T``: ``P^T`` [16, 8] moves from the accumulator to the B layout by ``movmatrix``."""
+def _pt(p, BF16: gl.constexpr):
+    """``P^T`` [16, 8] of a chunk's probabilities as the B operand: from the accumulator by ``movmatrix``."""
     if BF16:
         pt = gl.inline_asm_elementwise(TRANS, "=r,r", [p.to(gl.bfloat16)], dtype=gl.bfloat16, is_pure=True, pack=2)
     else:
@@ -1028,7 +1057,13 @@ def _pv(acc, p, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_B
     # register j of lane l now holds P^T[2 (l % 4) + (j & 1) + 8 (j >> 1), l // 4]: as a [2, 8, 8] view that is the
     # B fragment of P^T with the last two axes swapped
     pb = gl.reshape(gl.permute(gl.reshape(pt, [2, 8, 8]), (0, 2, 1)), [16, 8])
-    pb = gl.convert_layout(pb, B_L, assert_trivial=True)
+    return gl.convert_layout(pb, B_L, assert_trivial=True)
+
+
+@gluon.jit
+def _pv(acc, pb, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, V_BITS: gl.constexpr,
+        VPER: gl.constexpr, V_GROUP: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """``acc += V^T_chunk @ P^T`` (``pb``: :func:`_pt`)."""
     if V_BITS == 3:
         va_ = _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i, MASKED, BF16)
     elif V_BITS < 2:
@@ -1051,7 +1086,7 @@ def _zrow(v_zero, row, v_nrows, MASKED: gl.constexpr):
 @gluon.jit
 def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
           k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
-          COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS: gl.constexpr,
+          COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS: gl.constexpr,
           K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr,
           MASKED: gl.constexpr, STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
           V_OUT: gl.constexpr):
@@ -1059,8 +1094,8 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     ``P V``. ChannelQuant halves keep only half of each lane's key words in registers; with ``STAGED`` the key words
     come from the shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage, otherwise from global
     memory. TokenQuant keys (``K_TOK``) load each chunk's own words, scales and zeros (:func:`_tok_key_load`).
-    Outliers (``K_OUT`` / ``V_OUT`` slots per row): :func:`_k_out`, :func:`_v_out`; the value corrections of the half
-    are added from the shared buffer ``cbuf`` (at address ``cbase``) at its end."""
+    Outliers (``K_OUT`` / ``V_OUT`` slots per row): :func:`_k_out`; the value deltas through the tiles ``cbuf`` (at
+    shared address ``cbase``, :func:`_vd_write`)."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
     HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK) else 64  # first token of half w (minus trow + 2 i)
@@ -1135,10 +1170,10 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     if K_OUT == 4:
         if kmore:  # a third and fourth key outlier in some row of the half tile (QAQ's ties: ~14% of half tiles)
             k1 = _plane1(k_ell, k_nrows)
-            s0 = _k_out(s0, k1, T8 + trow, k_nrows, cbase + 4096, MASKED, BF16)
-            s1 = _k_out(s1, k1, T8 + trow + 2, k_nrows, cbase + 4096, MASKED, BF16)
-            s2 = _k_out(s2, k1, T8 + trow + 4, k_nrows, cbase + 4096, MASKED, BF16)
-            s3 = _k_out(s3, k1, T8 + trow + 6, k_nrows, cbase + 4096, MASKED, BF16)
+            s0 = _k_out(s0, k1, T8 + trow, k_nrows, cbase + 8192, MASKED, BF16)
+            s1 = _k_out(s1, k1, T8 + trow + 2, k_nrows, cbase + 8192, MASKED, BF16)
+            s2 = _k_out(s2, k1, T8 + trow + 4, k_nrows, cbase + 8192, MASKED, BF16)
+            s3 = _k_out(s3, k1, T8 + trow + 6, k_nrows, cbase + 8192, MASKED, BF16)
     s0 = _seen(s0, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
     s1 = _seen(s1, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
     s2 = _seen(s2, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
@@ -1157,18 +1192,6 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     p1 = gl.exp2(s1 - ms)
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
-    if V_OUT > 0:  # before the value tiles: their registers and these do not overlap
-        _v_out(cbase, p0, v_ell, vrow0 + trow, v_nrows, v_fix, M, MASKED, BF16)
-        _v_out(cbase, p1, v_ell, vrow0 + trow + 2, v_nrows, v_fix, M, MASKED, BF16)
-        _v_out(cbase, p2, v_ell, vrow0 + trow + 4, v_nrows, v_fix, M, MASKED, BF16)
-        _v_out(cbase, p3, v_ell, vrow0 + trow + 6, v_nrows, v_fix, M, MASKED, BF16)
-        if V_OUT == 4:
-            if vmore:  # a third and fourth value outlier in some row of the half tile
-                v1 = _plane1(v_ell, v_nrows)
-                _v_out(cbase, p0, v1, vrow0 + trow, v_nrows, v_fix, M, MASKED, BF16)
-                _v_out(cbase, p1, v1, vrow0 + trow + 2, v_nrows, v_fix, M, MASKED, BF16)
-                _v_out(cbase, p2, v1, vrow0 + trow + 4, v_nrows, v_fix, M, MASKED, BF16)
-                _v_out(cbase, p3, v1, vrow0 + trow + 6, v_nrows, v_fix, M, MASKED, BF16)
     if V_Z:
         zc = p0 * _zrow(v_zero, vrow0 + trow, v_nrows, MASKED)
         zc += p1 * _zrow(v_zero, vrow0 + trow + 2, v_nrows, MASKED)
@@ -1176,23 +1199,38 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
         zc += p3 * _zrow(v_zero, vrow0 + trow + 6, v_nrows, MASKED)
         acc = acc * gl.expand_dims(alpha, 0) + gl.expand_dims(gl.sum(zc, 0), 0)
     else:
-        acc = _pv(acc, p0, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED, BF16)
-        acc = _pv(acc, p1, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED, BF16)
-        acc = _pv(acc, p2, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED, BF16)
-        acc = _pv(acc, p3, vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED, BF16)
+        acc = _pv(acc, _pt(p0, BF16), vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED,
+                  BF16)
+        acc = _pv(acc, _pt(p1, BF16), vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, V_GROUP, MASKED,
+                  BF16)
+        acc = _pv(acc, _pt(p2, BF16), vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, V_GROUP, MASKED,
+                  BF16)
+        acc = _pv(acc, _pt(p3, BF16), vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, V_GROUP, MASKED,
+                  BF16)
     l_i = l_i * alpha + gl.sum((p0 + p1) + (p2 + p3), 0)
-    if V_OUT > 0:  # this half's value corrections, at the same running max as acc
+    if V_OUT > 0:
+        # value outliers: each chunk's deltas go into a [128 accumulator rows, 16 tokens] tile in shared memory (two
+        # tiles, alternating), which is read back as an A operand and multiplied by the chunk's P^T; a tile's
+        # entries are cleared once every lane has read it (after the next barrier), before it is written again
+        v1 = _plane1(v_ell, v_nrows)
+        acc, a0, e0, b0, f0 = _vd_chunk(acc, p0, 0, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, BF16)
+        acc, a1, e1, b1, f1 = _vd_chunk(acc, p1, 1, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, BF16)
+        _vd_clear(a0, e0, b0, f0)
         _BARRIER()
-        acc = acc + cbuf.load(MMA).to(gl.float32) * (1.0 / v_fix)
-        cbuf.store(gl.zeros([128, 8], gl.int32, layout=MMA))
+        acc, a2, e2, b2, f2 = _vd_chunk(acc, p2, 2, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, BF16)
+        _vd_clear(a1, e1, b1, f1)
         _BARRIER()
+        acc, a3, e3, b3, f3 = _vd_chunk(acc, p3, 3, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, BF16)
+        _vd_clear(a2, e2, b2, f2)
+        _BARRIER()
+        _vd_clear(a3, e3, b3, f3)
     return acc, m_new, l_i
 
 
 @gluon.jit
 def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
           v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow,
-          qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell, v_fix,
+          qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell,
           cbase, cbuf, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
           V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr,
           K_TOK: gl.constexpr, K_OUT: gl.constexpr, V_OUT: gl.constexpr):
@@ -1221,13 +1259,13 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                              kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
                               WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
     else:
         acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                               v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                               vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                              kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
                               WANT_SCORES, True, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
     if STAGE_K:
         if w == 1:
@@ -1259,7 +1297,7 @@ _SIZES = ["KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", 
 def _kivi_attn_kernel(
     q_ptr, out_ptr, lse_ptr, s_ptr, k_data, k_scale, k_zero, v_data, v_scale, v_zero,
     meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
-    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ctr_ptr, k_ell, v_ell, v_fix,
+    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ctr_ptr, k_ell, v_ell,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
@@ -1307,20 +1345,25 @@ def _kivi_attn_kernel(
     else:
         qb = (qv.to(gl.float32) * qscale).to(gl.float16)
     if K_OUT + V_OUT > 0:
-        # rows 0-127: value outliers' corrections of a half tile ([128 accumulator rows, 8 queries] int32 fixed
-        # point, zeroed); rows 128-255: the scaled queries q' (float32 bits, also in accumulator-row order) for the
-        # key outliers. The kernel's only shared memory: its address is the shared window's base (_check_smem)
+        # rows 0-255: the two value-outlier delta tiles ([128 accumulator rows, 16 tokens] fp16 each, DT_L,
+        # zeroed); rows 256-383: the scaled queries q' (float32 bits, also in accumulator-row order) for the key
+        # outliers; rows 384-511 unused (an allocation's shape is a power of two). The kernel's only shared memory:
+        # its address is the shared window's base (_check_smem)
         gl.static_assert(K_TOK and not STAGE_K)
-        obuf = gl.allocate_shared_memory(gl.int32, [256, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        cbuf = obuf.slice(0, 128)
-        cbuf.store(gl.zeros([128, 8], gl.int32, layout=MMA))
+        obuf = gl.allocate_shared_memory(gl.int32, [512, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+        obuf.slice(0, 256).store(gl.zeros([256, 8], gl.int32, layout=gl.BlockedLayout([1, 8], [32, 1], [1, 1],
+                                                                                      [1, 0])))
+        if BF16:
+            cbuf = _REINTERPRET(obuf.slice(0, 256), gl.bfloat16, [256, 16], DT_L)
+        else:
+            cbuf = _REINTERPRET(obuf.slice(0, 256), gl.float16, [256, 16], DT_L)
         QT: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [1, 1], [1, 0])
         tc = gl.arange(0, 128, layout=gl.SliceLayout(1, QT))
         tm = gl.arange(0, 8, layout=gl.SliceLayout(0, QT))
         tch = 16 * (tc % 8) + tc // 8  # row R holds channel 16 (R % 8) + R // 8 (out_row's inverse)
         qt = gl.load(q_ptr + (hd * M + gl.expand_dims(tm, 0)) * 128 + gl.expand_dims(tch, 1),
                      mask=gl.expand_dims(tch < 128, 1) & gl.expand_dims(tm < M, 0), other=0.0)
-        obuf.slice(128, 128).store((qt.to(gl.float32) * qscale).to(gl.int32, bitcast=True))
+        obuf.slice(256, 128).store((qt.to(gl.float32) * qscale).to(gl.int32, bitcast=True))
         cbase = gl.inline_asm_elementwise(SMEM_BASE, "=r,r", [sp], dtype=gl.int32, is_pure=True, pack=1)
         _BARRIER()
     else:
@@ -1409,7 +1452,7 @@ def _kivi_attn_kernel(
                                       vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows,
                                       v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol,
                                       s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
-                                      k_ell, v_ell, v_fix, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                                      k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
                                       WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
                 if w == 1:
                     ht = 2 * nxt
@@ -1424,7 +1467,7 @@ def _kivi_attn_kernel(
                 acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, cur, 0, False, 0, abeg, kbeg, vbeg, cnt, new0, k_data,
                                       k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
                                       krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
-                                      col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell, v_fix, cbase,
+                                      col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell, cbase,
                                       cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK,
                                       K_OUT, V_OUT)
                 cur = nxt
@@ -1439,7 +1482,7 @@ def _kivi_attn_kernel(
                                   abeg + (ht // 2 + 1) * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
-                                  zflat, kread, sread, zread, k_ell, v_ell, v_fix, cbase, cbuf, K_BITS,
+                                  zflat, kread, sread, zread, k_ell, v_ell, cbase, cbuf, K_BITS,
                                   K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
     has = l_i > 0
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
@@ -1474,7 +1517,7 @@ def outlier_slots(spec, value: bool = False) -> torch.Tensor | None:
     kept in the 2/4-bit value order."""
     if not spec.has_out or spec.odelta is None:
         return None
-    return _slot_cache(spec, value)[0]
+    return _slot_cache(spec, value)
 
 
 def _prefix_len(rows: int) -> int:
@@ -1491,15 +1534,6 @@ def slot_views(ell: torch.Tensor, rows: int) -> tuple:
     return ell[:2 * rows].view(rows, 2), ell[2 * rows:2 * rows + rows + 1], (p1.view(rows, 2) if p1.numel() else None)
 
 
-def outlier_fix(spec) -> float:
-    """The fixed-point factor ``2^k`` of a part's value-outlier products in the kernel's int32 correction buffer:
-    ``k = 24 - ceil(log2 max |delta|)``, so one product ``|delta p| 2^k`` (``p <= 1``) is at most ``2^24`` and a half
-    tile's sum per output element (at most 64 tokens, one outlier per channel and row: repeated indices are refused)
-    at most ``2^30``; each product is rounded by at most ``2^-(k+1) <= 2^-24 max |delta|`` (after the float32
-    product's own rounding). 1.0 without outliers."""
-    return _slot_cache(spec, True)[1]
-
-
 def out_row(c, bits: int = 2):
     """The accumulator row ``O^T [128, 8]`` that holds output channel ``c`` (the value chunk's channel order, module
     docstring): ``8 (c % 16) + c // 16``, for 3-bit values the inverse of :func:`v3_channel`; works on int tensors
@@ -1512,11 +1546,11 @@ def out_row(c, bits: int = 2):
     return 8 * t + r
 
 
-def _slot_cache(spec, value: bool = False) -> tuple:
-    """(slots, fixed-point factor) of a part, built once per outlier tensor and row order (``value``: a 3-bit value
-    part's accumulator rows) and cached on the part, one entry per order."""
+def _slot_cache(spec, value: bool = False) -> torch.Tensor | None:
+    """The slots of a part (:func:`outlier_slots`), built once per outlier tensor and row order (``value``: a 3-bit
+    value part's accumulator rows) and cached on the part, one entry per order."""
     if not spec.has_out or spec.odelta is None or spec.scale.dtype not in (torch.float16, torch.bfloat16):
-        return None, 1.0
+        return None
     part = spec.part
     order = 3 if (value and spec.bits == 3) else 2  # the accumulator-row order of the slots' channels
     cached = getattr(part, "_gluon_slots", None)
@@ -1528,7 +1562,7 @@ def _slot_cache(spec, value: bool = False) -> tuple:
     # (the reference writes a repeated position once; slots would add its delta twice)
     most, finite, repeated = torch.stack([(ptr[1:] - ptr[:-1]).max(), torch.isfinite(delta).all().long(),
                                           (sidx[1:] == sidx[:-1]).any().long()]).tolist()
-    ell, fix = None, 1.0
+    ell = None
     if most <= MAX_SLOTS and finite and not repeated and spec.oidx.is_cuda == spec.data.is_cuda:
         planes = 1 if most <= 2 else 2
         rows = spec.nrows
@@ -1541,15 +1575,12 @@ def _slot_cache(spec, value: bool = False) -> tuple:
         ell[(pos // 2) * (2 * rows + n) + 2 * row + pos % 2] = ((out_row(ch, order).to(torch.int32) * 32) << 16) | bits
         extra = ((ptr[1:] - ptr[:-1]) > 2).to(torch.int32)  # rows with a third or fourth outlier
         ell[2 * rows + 1:2 * rows + 1 + rows] = torch.cumsum(extra, 0, dtype=torch.int32)
-        most_abs = float(delta.float().abs().max())  # a second sync, only where slots are built
-        if most_abs > 0:
-            fix = 2.0 ** min(24 - math.ceil(math.log2(most_abs)), 100)
     try:
         built = cached[1] if cached is not None and cached[0] is spec.oidx else {}
-        object.__setattr__(part, "_gluon_slots", (spec.oidx, {**built, order: (ell, fix)}))
+        object.__setattr__(part, "_gluon_slots", (spec.oidx, {**built, order: ell}))
     except (AttributeError, TypeError):
         pass
-    return ell, fix
+    return ell
 
 
 def _slots_of(spec, value: bool) -> int:
@@ -1687,7 +1718,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
             plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
             plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
             s_total, plan.nsplit, float(scale), plan.counters if plan.counters is not None else plan.k.data,
-            _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data), outlier_fix(plan.v))
+            _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data))
     if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
         key = tuple(consts.items())
         if key not in _CHECKED:
@@ -1708,15 +1739,18 @@ def _ell_arg(spec, value: bool, words: torch.Tensor) -> torch.Tensor:
 
 
 def _check_smem(kern, outliers: bool) -> None:
-    """With outliers the kernel's buffers (value corrections and scaled queries) must be its only shared memory (so at
+    """With outliers the kernel's buffers (value-delta tiles and scaled queries) must be its only shared memory (so at
     offset 0: the kernel addresses them from the shared window's base): one allocation, and the kernel's shared
-    memory is its 8 KB."""
+    memory is its 16 KB."""
     if not outliers:
         return
     allocs = kern.asm["ttgir"].count("ttg.local_alloc")
-    if allocs != 1 or int(kern.metadata.shared) != 2 * 128 * 8 * 4:
-        raise RuntimeError(f"outlier buffers: expected one 8192-byte shared allocation, got {allocs} "
+    if allocs != 1 or int(kern.metadata.shared) != OUT_SMEM:
+        raise RuntimeError(f"outlier buffers: expected one {OUT_SMEM}-byte shared allocation, got {allocs} "
                            f"allocation(s), {kern.metadata.shared} bytes")
+
+
+OUT_SMEM = 512 * 8 * 4  # the outlier buffers' bytes (_kivi_attn_kernel's obuf)
 
 
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
@@ -1735,7 +1769,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig.update({n: "i32" for n in ("KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX",
                                    "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
     sig["sm_scale"] = "fp32"
-    sig.update(ctr_ptr="*i32", k_ell="*i32", v_ell="*i32", v_fix="fp32")
+    sig.update(ctr_ptr="*i32", k_ell="*i32", v_ell="*i32")
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,
                  K_OUT=k_out, V_OUT=v_out)
