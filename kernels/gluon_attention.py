@@ -1691,11 +1691,7 @@ def resident_programs(plan) -> int:
     if key not in _RESIDENT:
         # the argument types of launch(): uniform plans pass the float32 lse buffer for the unused meta pointer (a
         # different type here compiled a second kernel just to count its registers)
-        meta = torch.int64 if plan.meta is not None else torch.float32
-        kern = _kivi_attn_kernel.warmup(
-            plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
-            plan.v.data, plan.v.scale, plan.v.zero, meta, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
-            2, 2, 1.0, torch.int32, torch.int32, torch.int32, 1.0, grid=(1,), **_consts(plan, False))
+        kern = _kivi_attn_kernel.warmup(*_warmup_args(plan), grid=(1,), **_consts(plan, False))
         _check_smem(kern, _slots_of(plan.k, False) + _slots_of(plan.v, True) > 0)
         kern._init_handles()
         regs = max(int(kern.n_regs), 1)
@@ -1709,16 +1705,32 @@ def resident_programs(plan) -> int:
     return _RESIDENT[key]
 
 
-def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> None:
-    """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel)."""
-    H, M, D = q.shape
+def _warmup_args(plan) -> tuple:
+    """The kernel's runtime arguments for :func:`resident_programs`' warmup build, typed like :func:`launch`'s:
+    uniform plans pass the float32 lse buffer for the unused meta pointer (a different type here compiled a second
+    kernel just to count its registers)."""
+    meta = torch.int64 if plan.meta is not None else torch.float32
+    return (plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
+            plan.v.data, plan.v.scale, plan.v.zero, meta, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
+            2, 2, 1.0, torch.int32, torch.int32, torch.int32)
+
+
+def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> tuple:
+    """The kernel's runtime arguments for one launch of ``plan``."""
+    M = q.shape[1]
     want = scores is not None
-    consts = _consts(plan, want)
-    args = (q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
+    return (q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
             plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
             s_total, plan.nsplit, float(scale), plan.counters if plan.counters is not None else plan.k.data,
             _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data))
+
+
+def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> None:
+    """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel)."""
+    H = q.shape[0]
+    consts = _consts(plan, scores is not None)
+    args = _launch_args(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq)
     if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
         key = tuple(consts.items())
         if key not in _CHECKED:

@@ -1272,6 +1272,24 @@ def test_gluon_tokenquant_key_channels(bits):
             assert ga.tok_key_channel(8 * (half * w + j) + 2 * a + e, bits) == per * (nw * a + w) + j + half * e
 
 
+def test_gluon_argument_lists_match_the_kernel():
+    """The warmup build that counts registers and every launch pass exactly the kernel's runtime parameters (a
+    stale argument would make every Gluon launch fail and fall back to the Triton kernel, which only GPU runs
+    notice)."""
+    from types import SimpleNamespace as NS
+
+    gl_mod = pytest.importorskip("kernels.gluon_attention")
+    t = torch.zeros(4, dtype=torch.int32)
+    part = NS(data=t, scale=torch.zeros(4, dtype=F16), zero=torch.zeros(4, dtype=F16), nrows=4, has_out=False)
+    plan = NS(k=part, v=part, meta=None, scalars=(0,) * 6, col_base=0, newr=0, nsplit=2, counters=None)
+    q = torch.zeros(2, 4, 128, dtype=F16)
+    names = gl_mod._kivi_attn_kernel.arg_names
+    const = {p.name for p in gl_mod._kivi_attn_kernel.params if p.is_constexpr}
+    runtime = [n for n in names if n not in const]
+    assert len(gl_mod._warmup_args(plan)) == len(runtime)
+    assert len(gl_mod._launch_args(q, plan, t, t, None, 0, 2, 1.0, 1)) == len(runtime)
+
+
 def test_gluon_failure_falls_back_to_triton(monkeypatch):
     """A Triton release that cannot build the Gluon kernel: the first launch warns, switches it off for the process
     and the Triton kernel answers (correctly) instead."""
