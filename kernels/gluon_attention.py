@@ -1,6 +1,6 @@
 """Gluon decode attention for packed fp16 / bf16 pairs: per-channel (KIVI) or per-token (QAQ, MiKV) keys +
-per-token values, dequantized in registers straight into the tensor-core operand layout (no fp16 tile goes through
-shared memory).
+per-token values, dequantized in registers straight into the tensor-core operand layout (no dequantized tile goes
+through shared memory; only the sparse outliers' deltas do).
 
 Why a second kernel: the Triton kernel (:mod:`kernels.triton_attention`) expands codes in a blocked layout and lets the
 compiler move the fp16 tile into the ``mma`` operand layout through shared memory; on the H100 that conversion, the
@@ -867,8 +867,9 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
 
 
 # ---- sparse outliers (QAQ keeps each row's extremes exact) ----------------------------------------------------------
-# Each row's outliers come as S fixed slots (outlier_slots: the byte offset of the channel's row in the [128, 8]
-# buffers << 16 | the 16 bits of value - dequantized code, empty slots 0). Key outliers change a token's scores: the
+# Each row's outliers come as S fixed slots (outlier_slots: 32 x the channel's accumulator row << 16 | the 16 bits of
+# value - dequantized code, empty slots 0; the row is the byte offset of the channel's q' row for keys and, divided
+# by 32, the delta tile's row for values). Key outliers change a token's scores: the
 # lane holding score row t adds sum_j q'[m, c_j] delta_j for its queries, q' (scaled queries, float32) read from
 # shared memory. Value outliers add delta_j p[t, m] at output channel c_j, which another lane holds: each chunk's
 # deltas go into a [128 accumulator rows, 16 tokens] fp16 tile in shared memory (one 16-bit store per slot, by the
@@ -1507,9 +1508,10 @@ def outlier_slots(spec, value: bool = False) -> torch.Tensor | None:
     entries, padded to an even length: entry ``r`` counts the rows before ``r`` that have a third or fourth
     outlier) and plane 1 (``[rows, 2]``: those third and fourth outliers; QAQ keeps 3 where a row ties at an
     extreme, 0.2% of rows; only when some row has them). The kernel reads plane 1 for a half tile only when two
-    prefix counts say one of its 64 rows has it. A slot holds the byte offset of the channel's row in the kernel's
-    ``[128, 8]`` float32 buffers (``32 out_row(channel)``, bits 16-27) and the 16 bits of ``value - dequantized
-    code`` in the cache dtype (the CSR's delta, rounded once; bits 0-15); empty slots 0.
+    prefix counts say one of its 64 rows has it. A slot holds ``32 out_row(channel)`` (bits 16-27: for keys the byte
+    offset of the channel's row in the kernel's ``[128, 8]`` float32 scaled queries, for values the row of the
+    ``[128, 16]`` delta tile) and the 16 bits of ``value - dequantized code`` in the cache dtype (the CSR's delta,
+    rounded once; bits 0-15); empty slots 0.
     ``None`` without outliers, when a row has more than :data:`MAX_SLOTS`, when a delta overflows the 16-bit
     format, when an index repeats or when the outliers are not on the codes' device. Built once per outlier tensor
     from the part's CSR and cached on the part, like the CSR. ``value``: the part is a pair's values (a 3-bit value

@@ -564,6 +564,10 @@ def test_outlier_slots_hand_case():
         one = ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two)))
         assert one.shape == (10 + 6,) and ga.slot_views(one, 5)[2] is None  # one plane
         assert ga.slot_views(one, 5)[1].tolist() == [0] * 6  # no plane-1 rows: the kernel never reads plane 1
+    four = _row_outliers(_token_part(4, 128, 4, 128, torch.float16, g), [3, 0, 2, 1], g)
+    ell4 = ga.outlier_slots(PartSpec(four, dispatch.outlier_csr(four)))
+    assert ell4.shape == (8 + 6 + 8,) and ell4[8 + 5] == 0  # 4 rows: 5 prefix counts and a padding entry
+    assert ga.slot_views(ell4, 4)[1].tolist() == [0, 1, 1, 1, 1] and ga.slot_views(ell4, 4)[2][0, 0] != 0
     five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 0, 0], g)
     assert ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five))) is None
     dup = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [2, 0, 0, 0, 0], g)
@@ -706,10 +710,14 @@ def test_gluon_rare_second_plane(want, dtype, monkeypatch, gluon_strict):
 
 
 @gpu_only
-def test_gluon_value_outliers_in_one_channel(gluon_strict):
-    """Every row's one value outlier in the same channel (so each chunk's delta tile has a full row of 16 deltas, and
-    consecutive chunks write the same entries of alternating tiles): queries 0 (every p = 1), delta 8 with signs
-    alternating per head; the output matches float64 and is exactly +-8 in that channel."""
+@pytest.mark.parametrize("varied", [False, True])
+def test_gluon_value_outliers_in_one_channel(varied, gluon_strict):
+    """Values that are all zero but for one outlier per row, so the output is nothing but the delta tiles' products.
+    Same channel in every row (each chunk's tile gets a full row of 16 deltas, the next chunk but one rewrites the
+    same entries): queries 0 (every p equal), delta 8 with signs alternating per head, the output exactly +-8 in
+    that channel. ``varied``: a channel per row cycling through accumulator rows of both swizzle phases, random
+    deltas and queries (unequal p): any entry not cleared, read from the wrong tile or at the wrong column shows as
+    an error of the outliers' own size. Both against float64."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -721,17 +729,23 @@ def test_gluon_value_outliers_in_one_channel(gluon_strict):
     v_part = TokenQuant(ref.pack(codes, 4).to(DEV), torch.ones(H * T, 1, dtype=F16, device=DEV),
                         torch.zeros(H * T, 1, dtype=F16, device=DEV), 4, 128, d, (T,) * H)
     rows = torch.arange(H * T)
-    v_part.out_idx = (rows * d + 5).to(torch.int32).to(DEV)
-    v_part.out_val = torch.where(rows // T % 2 == 0, 8.0, -8.0).to(F16).to(DEV)
+    if varied:
+        v_part.out_idx = (rows * d + (rows * 37) % d).to(torch.int32).to(DEV)
+        v_part.out_val = _randn(H * T, g=g, dtype=F16, scale=8.0)
+        q = _randn(H, 4, d, g=g, dtype=F16, scale=3.0)
+    else:
+        v_part.out_idx = (rows * d + 5).to(torch.int32).to(DEV)
+        v_part.out_val = torch.where(rows // T % 2 == 0, 8.0, -8.0).to(F16).to(DEV)
+        q = torch.zeros(H, 4, d, dtype=F16, device=DEV)
     kspec, vspec = PartSpec(k_part), PartSpec(v_part, dispatch.outlier_csr(v_part))
     assert ga.pair_fits(kspec, vspec)
     plan = PairPlan(kspec, vspec, [h * T for h in range(H)], [h * T for h in range(H)], [T] * H, nsplit=3, device=DEV)
-    q = torch.zeros(H, 4, d, dtype=F16, device=DEV)
     out, _ = attend_pairs(q, [plan], d ** -0.5)
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, [T] * H)
-    assert relerr(out, o64) < 1e-4
-    want = torch.tensor([8.0, -8.0, 8.0, -8.0]).repeat_interleave(4).view(H, 4)
-    assert torch.allclose(out[:, :, 5].cpu(), want, rtol=0, atol=1e-5)
+    assert relerr(out, o64) < (TOL[F16] if varied else 1e-4)
+    if not varied:
+        want = torch.tensor([8.0, -8.0, 8.0, -8.0]).repeat_interleave(4).view(H, 4)
+        assert torch.allclose(out[:, :, 5].cpu(), want, rtol=0, atol=1e-5)
 
 
 @gpu_only
