@@ -109,11 +109,10 @@ def part_bytes(p, spec=None, value: bool = False) -> int:
         from kernels.gluon_attention import outlier_slots, slot_views
 
         ell = outlier_slots(spec, value)
+    codes = _nbytes(p.words, p.scale if p.nbits else None, p.zero)
     if ell is not None:
-        rows = spec.nrows
-        return _nbytes(p.words, p.scale if p.nbits else None, p.zero, slot_views(ell, rows)[0]) + 8 * -(-rows // 64)
-    return _nbytes(p.words, p.scale if p.nbits else None, p.zero, getattr(p, "out_idx", None),
-                   getattr(p, "out_val", None))
+        return codes + _nbytes(slot_views(ell, spec.nrows)[0]) + 8 * -(-spec.nrows // 64)
+    return codes + _nbytes(getattr(p, "out_idx", None), getattr(p, "out_val", None))
 
 
 def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:

@@ -241,7 +241,7 @@ SMEM_BASE: gl.constexpr = gl.constexpr("mov.b32 $0, global_smem;")
 ST_DELTA: gl.constexpr = gl.constexpr("\n".join([
     "{", ".reg .pred p;", ".reg .b16 h;", "setp.ne.s32 p, $2, 0;", "cvt.u16.u32 h, $3;", "@p st.shared.b16 [$1], h;",
     "mov.b32 $0, 0;", "}"]))
-# a query pair (two consecutive registers of _slot_layout, adjacent in shared memory) in one load
+# a query pair (two consecutive registers of SLOT_L, adjacent in shared memory) in one load
 LDS_F32X2: gl.constexpr = gl.constexpr("ld.shared.v2.f32 {$0, $1}, [$2];")
 
 
@@ -877,23 +877,19 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
 # alternate, and a tile's entries are cleared (the same stores, of zeros) only after a barrier that follows every
 # lane's read of it and precedes the next writes to it. The products run at the running max of the value tiles,
 # in the same precision, so nothing is flushed at the half tile's end.
-@gluon.constexpr_function
-def _slot_layout(slots):
-    """``[16 tokens, 8 queries, S slots]``: the accumulator layout of a chunk's scores, each lane holding the S
-    slots of its tokens in registers (contiguous: one vector load per token), a query pair in consecutive ones."""
-    sb = [[0, 0, 1 << i] for i in range(max(int(slots), 1).bit_length() - 1)]
-    return gl.DistributedLinearLayout(
-        reg_bases=[[0, 1, 0]] + sb + [[8, 0, 0]], lane_bases=[[0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        warp_bases=[], block_bases=[], shape=[16, 8, slots])
+# [16 tokens, 8 queries, 2 slots]: the accumulator layout of a chunk's scores, each lane holding a plane's two slots
+# of its tokens in registers (contiguous: one vector load per token), a query pair in consecutive ones
+SLOT_L: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0], [0, 0, 1], [8, 0, 0]], lane_bases=[[0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[16, 8, 2]))
 
 
 @gluon.jit
 def _slots(ell, row, nrows, MASKED: gl.constexpr, BF16: gl.constexpr):
     """The two outlier slots of a plane (``ell``: its first row's slots) for the 16 rows ``row`` (a chunk's score
     rows): the byte offsets of their channels' rows in the ``[128, 8]`` buffers ``[16, 1, 2]`` (int32) and their
-    deltas ``[16, 1, 2]`` (float32) in :func:`_slot_layout`."""
-    L3: gl.constexpr = _slot_layout(2)
-    LE: gl.constexpr = gl.SliceLayout(1, L3)
+    deltas ``[16, 1, 2]`` (float32) in :data:`SLOT_L`."""
+    LE: gl.constexpr = gl.SliceLayout(1, SLOT_L)
     r = gl.convert_layout(row, gl.SliceLayout(1, LE), assert_trivial=True)
     j = gl.arange(0, 2, layout=gl.SliceLayout(0, LE))
     ptr = ell + (gl.expand_dims(r * 2, 1) + gl.expand_dims(j, 0))
@@ -929,17 +925,16 @@ def _plane1(ell, nrows):
 
 
 @gluon.jit
-def _qcol3(S: gl.constexpr):
-    """Query columns ``[1, 8, 1]`` in :func:`_slot_layout`."""
-    L3: gl.constexpr = _slot_layout(S)
-    c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+def _qcol3():
+    """Query columns ``[1, 8, 1]`` in :data:`SLOT_L`."""
+    c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, SLOT_L)))
     return gl.expand_dims(gl.expand_dims(c, 0), 2)
 
 
 @gluon.jit
 def _k_terms(qbase, off, dl):
     """``[16, 8]`` key-outlier terms ``sum_j q'[m, c_j] delta_j`` of two slots per row."""
-    qv = gl.inline_asm_elementwise(LDS_F32X2, "=f,=f,r,r", [(qbase + off) + _qcol3(2) * 4], dtype=gl.float32,
+    qv = gl.inline_asm_elementwise(LDS_F32X2, "=f,=f,r,r", [(qbase + off) + _qcol3() * 4], dtype=gl.float32,
                                    is_pure=True, pack=2)
     return gl.convert_layout(gl.sum(qv * dl, axis=2), MMA, assert_trivial=True)
 
@@ -972,7 +967,7 @@ def _vd_write(dbase, ell, vrow0, i: gl.constexpr, v_nrows, want):
     L2: gl.constexpr = _dslot_layout()
     r = gl.arange(0, 16, layout=gl.SliceLayout(1, L2))
     j = gl.arange(0, 2, layout=gl.SliceLayout(0, L2))
-    row = vrow0 + (8 * (r % 8) + r // 8 + 2 * i)
+    row = vrow0 + (8 * (r % 8) + r // 8 + 2 * i)  # trow (RUN = 8: outliers come with TokenQuant keys)
     ok = gl.expand_dims((row >= 0) & (row < v_nrows) & want, 1) & gl.expand_dims(j < 2, 0)
     ew = gl.load(ell + (gl.expand_dims(row * 2, 1) + gl.expand_dims(j, 0)), mask=ok, other=0)
     R = (ew >> 21) & 0x7F
@@ -1351,14 +1346,13 @@ def _kivi_attn_kernel(
         # outliers; rows 384-511 unused (an allocation's shape is a power of two). The kernel's only shared memory:
         # its address is the shared window's base (_check_smem)
         gl.static_assert(K_TOK and not STAGE_K)
+        QT: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [1, 1], [1, 0])
         obuf = gl.allocate_shared_memory(gl.int32, [512, 8], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        obuf.slice(0, 256).store(gl.zeros([256, 8], gl.int32, layout=gl.BlockedLayout([1, 8], [32, 1], [1, 1],
-                                                                                      [1, 0])))
+        obuf.slice(0, 256).store(gl.zeros([256, 8], gl.int32, layout=QT))
         if BF16:
             cbuf = _REINTERPRET(obuf.slice(0, 256), gl.bfloat16, [256, 16], DT_L)
         else:
             cbuf = _REINTERPRET(obuf.slice(0, 256), gl.float16, [256, 16], DT_L)
-        QT: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [1, 1], [1, 0])
         tc = gl.arange(0, 128, layout=gl.SliceLayout(1, QT))
         tm = gl.arange(0, 8, layout=gl.SliceLayout(0, QT))
         tch = 16 * (tc % 8) + tc // 8  # row R holds channel 16 (R % 8) + R // 8 (out_row's inverse)
@@ -1691,8 +1685,6 @@ def resident_programs(plan) -> int:
         return PROGRAMS_PER_SM
     key = tuple(_consts(plan, False).items())  # the kernel that launches
     if key not in _RESIDENT:
-        # the argument types of launch(): uniform plans pass the float32 lse buffer for the unused meta pointer (a
-        # different type here compiled a second kernel just to count its registers)
         kern = _kivi_attn_kernel.warmup(*_warmup_args(plan), grid=(1,), **_consts(plan, False))
         _check_smem(kern, _slots_of(plan.k, False) + _slots_of(plan.v, True) > 0)
         kern._init_handles()

@@ -12,6 +12,7 @@ has fewer rows); the caller forms the statistics of the final probabilities ``ex
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -428,10 +429,7 @@ def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, scores: t
         st.wait_stream(main)
     off = 0
     for i, p in enumerate(plans):
-        if i and side:
-            with torch.cuda.stream(side[i - 1]):
-                _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq)
-        else:
+        with torch.cuda.stream(side[i - 1]) if i and side else contextlib.nullcontext():
             _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq)
         off += p.nsplit
     for st in side:  # the merge (and whoever frees out_p / lse_p) comes after every launch
