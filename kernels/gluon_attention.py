@@ -102,6 +102,12 @@ STAGE_K = os.environ.get("KV_GLUON_STAGE", "1") == "1"
 # units of work (half tiles; tiles for staged keys) taken from a per-head counter, so that programs that run slower
 # do fewer, instead of equal static ranges (0: static ranges)
 DYNAMIC = os.environ.get("KV_GLUON_DYNAMIC", "1") == "1"
+# TokenQuant keys with one scale per row (QAQ's rows), fp16: the A operand is the codes themselves (fp16 subnormals,
+# one ``and`` per pair), the scale and zero are applied to the scores (0: dequantize each pair as the other formats)
+RAW_K = os.environ.get("KV_GLUON_RAWK", "1") == "1"
+# values the same way (one scale per row, no value outliers): codes as the A operand, P^T times each token's scale as
+# the B operand, the zeros' term per query apart (0: dequantize each pair)
+RAW_V = os.environ.get("KV_GLUON_RAWV", "1") == "1"
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -225,6 +231,11 @@ DEQV2B: gl.constexpr = gl.constexpr(_deq_asm(2, False, True))
 DEQV4B: gl.constexpr = gl.constexpr(_deq_asm(4, False, True))
 PREP2B: gl.constexpr = gl.constexpr(_prep_asm(2, True))
 PREP4B: gl.constexpr = gl.constexpr(_prep_asm(4, True))
+# raw key codes: the pair's two codes (16 bits apart, at mantissa bits 0-9 of their halves) masked out of the word:
+# two fp16 subnormals, code x 2^(pos - 24), exact
+RAW_AND: gl.constexpr = gl.constexpr("and.b32 $0, $1, $3;")
+RAW_EXP: gl.constexpr = gl.constexpr(2)  # raw keys: the queries' factor 2^(RAW_EXP - pos) (raw_qfac)
+RAW_ROW: gl.constexpr = gl.constexpr(float(2 ** (24 - RAW_EXP.value)))  # raw keys: a score row's factor over its scale
 TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
 # the dynamic schedule's counter draw in two parts, so the atomic's latency is not waited for where it is issued:
 # lane 0 draws (GRAB: atom.inc, which returns the old value and wraps the counter to 0 once it reaches the launch's
@@ -782,6 +793,19 @@ def _tok_key_load(k_data, k_scale, k_zero, T, k_nrows, kw_tok, kw_off, ks_tok, k
 
 
 @gluon.jit
+def _tok_key_words(k_data, T, k_nrows, kw_tok, kw_off, KPER: gl.constexpr, MASKED: gl.constexpr):
+    """A chunk's TokenQuant key words alone (:func:`_tok_key_load`'s), for the raw key path."""
+    WPR: gl.constexpr = (128 + KPER - 1) // KPER  # words per row (13 at 3 bits)
+    tw = T + kw_tok
+    wp = k_data + (tw * WPR + kw_off)
+    if MASKED:
+        wd = gl.load(wp, mask=tw < k_nrows, other=0)
+    else:
+        wd = gl.load(wp)
+    return wd
+
+
+@gluon.jit
 def _tok_kchunk(wd, sc, zr, BITS: gl.constexpr, BF16: gl.constexpr):
     """fp16 (bf16) TokenQuant key chunk ``[16 tokens, 128 channels]`` (A operand, channels in the order of
     :func:`tok_key_channel`) from :func:`_tok_key_load`: each pair is two codes of one word, 16 bits apart."""
@@ -809,6 +833,209 @@ def _tok_kchunk(wd, sc, zr, BITS: gl.constexpr, BF16: gl.constexpr):
     y = _deq(x, sh, gl.broadcast(sp, x)[0], gl.broadcast(bz, x)[0], BITS, False, BF16)
     y = gl.convert_layout(gl.reshape(y, [2, 8, 16, 4, 2]), K5, assert_trivial=True)
     return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+def raw_in_place(bits: int) -> int:
+    """Codes of a 16-bit half that lie below its mantissa's top (bits 0-9) as they are: the raw key path masks
+    these in place and shifts the word by ``bits * raw_in_place(bits)`` once for the others."""
+    return (10 - bits) // bits + 1
+
+
+def raw_pos(j: int, bits: int) -> int:
+    """Bit position (in its half) of code ``j`` of a half as the raw key path reads it: ``code x 2^(pos - 24)``."""
+    nin = raw_in_place(bits)
+    return bits * (j if j < nin else j - nin)
+
+
+def raw_qfac(j: int, bits: int) -> float:
+    """The raw key path scales the (already ``sm_scale log2 e``-scaled) query of a channel whose code sits at
+    ``raw_pos(j)`` by ``2^(RAW_EXP - pos)``, so that a score reads ``2^(RAW_EXP - 24) sum_c code_c q_c`` (times the
+    row's scale, :func:`_raw_rows`). At most 4: with d = 128 the scaled query stays below ``4 x 0.128 |q|``, so no
+    fp16 query overflows; at least ``2^-6`` (2 bits, position 8), so only scaled queries below ~``2^-8`` lose
+    bits as subnormals."""
+    return 2.0 ** (RAW_EXP.value - raw_pos(j, bits))
+
+
+def raw_keys(bits: int, group: int, tok: bool, bf16: bool, outliers: bool = False) -> bool:
+    """Whether a pair's keys take the raw path: TokenQuant, one scale per row, 2, 3 or 4 bits, fp16 (bf16 subnormals
+    would underflow the products), unless switched off (``KV_GLUON_RAWK=0``). Not 4-bit keys in a pair with outliers
+    (``outliers``): ptxas spilled 24-100 bytes for those kernels at the 168-register cap, where the pair path
+    spills none, and 4-bit rows with QAQ's outliers ran 2% slower on the H100 (kernels/NOTES.md, session 12)."""
+    return RAW_K and tok and group == 128 and bits in (2, 3, 4) and not bf16 and not (bits == 4 and outliers)
+
+
+def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
+    """Whether a pair's values take the raw path: one scale per row, 2 or 4 bits, fp16, no value outliers (their
+    delta tiles add in the value's units, the raw accumulator holds each channel in units of its code position),
+    unless switched off (``KV_GLUON_RAWV=0``)."""
+    return RAW_V and group == 128 and bits in (2, 4) and not bf16 and slots == 0
+
+
+@gluon.jit
+def _pow2(e):
+    """``2^e`` (float32, exact) of an int32 exponent tensor."""
+    return ((e + 127) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _raw_qfac(k, BITS: gl.constexpr):
+    """:func:`raw_qfac` of each reduction index ``k = 8 f + 2 a + e`` (code ``f % HALF`` of its word; 3 bits: word
+    12's pair for ``f = 15``, at position 0)."""
+    HALF: gl.constexpr = 16 // BITS
+    NIN: gl.constexpr = (10 - BITS) // BITS + 1
+    j = (k // 8) % HALF
+    pos = gl.where(j < NIN, BITS * j, BITS * (j - NIN))
+    return _pow2(RAW_EXP - pos)
+
+
+@gluon.jit
+def _tok_kchunk_raw(wd, BITS: gl.constexpr):
+    """Raw TokenQuant key chunk ``[16 tokens, 128 channels]`` (A operand; :func:`raw_pos`): each pair is its two
+    codes masked out of the word, in place or after one shift of the word, as fp16 subnormals (one ``and``)."""
+    KPER: gl.constexpr = 32 // BITS
+    HALF: gl.constexpr = KPER // 2
+    NW: gl.constexpr = 32 // KPER
+    NIN: gl.constexpr = (10 - BITS) // BITS + 1
+    K6: gl.constexpr = _tok_key_layout(KPER)
+    S5: gl.constexpr = gl.SliceLayout(5, K6)
+    zero6 = gl.full([2, 8, NW, HALF, 4, 2], 0, gl.int32, layout=K6)
+    w4 = gl.convert_layout(wd, gl.SliceLayout(3, S5), assert_trivial=True)
+    x = gl.expand_dims(gl.expand_dims(w4, 3), 5) + zero6
+    xs = gl.expand_dims(gl.expand_dims(w4 >> (BITS * NIN), 3), 5) + zero6  # sign bits land outside every mask
+    jj = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, S5)))))
+    jj = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(jj, 0), 1), 2), 4), 5) + zero6
+    pos = gl.where(jj < NIN, BITS * jj, BITS * (jj - NIN))
+    mk = ((1 << BITS) - 1) << pos
+    y = gl.inline_asm_elementwise(RAW_AND, "=r,r,r,r,r", [gl.where(jj < NIN, x, xs), mk | (mk << 16)],
+                                  dtype=gl.float16, is_pure=True, pack=2)
+    y = gl.convert_layout(gl.reshape(y, [2, 8, 16, 4, 2]), K5, assert_trivial=True)
+    return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _tok3_kchunk_raw(wd):
+    """Raw 3-bit TokenQuant key chunk (channels of :func:`tok3_key_channel`): the spread words' pairs ``(j, j + 5)``
+    masked in place for ``j < 3`` and after a shift by 9 for ``j = 3, 4``; word 12's pair at bit 0 (as
+    :func:`_tok3_kchunk` builds it)."""
+    e0, e1 = gl.split(gl.reshape(wd, [2, 8, 4, 2, 2]))  # words (0, 2), (1, 3)
+    w0, w2 = gl.split(e0)
+    w1, w3 = gl.split(e1)
+    _, _, aa = _idx3(TSC, 2, 8, 4)
+    w3 = gl.convert_layout(w3, TSC, assert_trivial=True) >> (3 * aa)
+    x3 = (w3 & 0xFFFF) | ((w3 << 4) & -65536)  # code a at bit 0, code a + 4 at bit 16
+    s0 = _spread3(w0)
+    s1 = _spread3(w1)
+    s2 = _spread3(w2)
+    ff = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
+    ff = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(ff, 0), 1), 3), 4) + gl.full(
+        [2, 8, 16, 4, 2], 0, gl.int32, layout=K5)
+    jj = ff % 5
+    near = jj < 3
+    x = gl.where(ff < 5, gl.where(near, _k5_of(s0), _k5_of(s0 >> 9)),
+                 gl.where(ff < 10, gl.where(near, _k5_of(s1), _k5_of(s1 >> 9)),
+                          gl.where(ff < 15, gl.where(near, _k5_of(s2), _k5_of(s2 >> 9)), _k5_of(x3))))
+    pos = gl.where(ff < 15, gl.where(near, 3 * jj, 3 * (jj - 3)), 0)
+    mk = 7 << pos
+    y = gl.inline_asm_elementwise(RAW_AND, "=r,r,r,r,r", [x, mk | (mk << 16)], dtype=gl.float16, is_pure=True,
+                                  pack=2)
+    return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _raw_rows(k_scale, k_zero, tok, k_nrows, BITS: gl.constexpr, MASKED: gl.constexpr):
+    """The raw key path's per-row factors of a chunk's scores (rows ``tok``, :data:`ROW_L`): ``s 2^(24 - RAW_EXP)``
+    and ``z``, float32 ``[16, 1]``."""
+    if MASKED:
+        ok = (tok >= 0) & (tok < k_nrows)
+        sc = gl.load(k_scale + tok, mask=ok, other=0.0)
+        zr = gl.load(k_zero + tok, mask=ok, other=0.0)
+    else:
+        sc = gl.load(k_scale + tok)
+        zr = gl.load(k_zero + tok)
+    return gl.expand_dims(sc.to(gl.float32) * RAW_ROW, 1), gl.expand_dims(zr.to(gl.float32), 1)
+
+
+@gluon.jit
+def _vsz(v_scale, v_zero, row, v_nrows, MASKED: gl.constexpr):
+    """The scales and zeros of value rows ``row`` (one per row, float32 ``[16, 1]`` each)."""
+    if MASKED:
+        ok = (row >= 0) & (row < v_nrows)
+        sc = gl.load(v_scale + row, mask=ok, other=0.0)
+        z = gl.load(v_zero + row, mask=ok, other=0.0)
+    else:
+        sc = gl.load(v_scale + row)
+        z = gl.load(v_zero + row)
+    return gl.expand_dims(sc.to(gl.float32), 1), gl.expand_dims(z.to(gl.float32), 1)
+
+
+@gluon.jit
+def _v5_of(x):
+    """A merged value word ``[8 r, 2 h, 4 a]`` (``SliceLayout(3, V4)``) broadcast to :data:`V5`."""
+    return gl.expand_dims(gl.expand_dims(x, 3), 0) + gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
+
+
+@gluon.jit
+def _vchunk_raw(vptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VPER: gl.constexpr,
+                MASKED: gl.constexpr):
+    """Raw value chunk ``V^T [128 channels, 16 tokens]``: the two tokens' codes of each channel masked out of their
+    merged words (in place, or after one shift of the merged word) as fp16 subnormals ``code x 2^(pos - 24)``;
+    accumulator row ``8 t + r`` is then in units of ``2^(raw_pos(t) - 24)`` (:func:`_raw_vfac`)."""
+    NWV: gl.constexpr = 16 // VPER
+    HALF: gl.constexpr = VPER // 2
+    NIN: gl.constexpr = (10 - BITS) // BITS + 1
+    if NWV == 2:  # a token's two words per lane in one 64-bit load
+        wi = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, VW5)))))
+        wi = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(wi, 0), 1), 2), 3)
+        vptr2 = gl.expand_dims(gl.convert_layout(vptr, gl.SliceLayout(4, VW5), assert_trivial=True), 4) + wi
+    if MASKED:
+        row = vrow0 + vrow_off + 2 * i
+        rm = (row >= 0) & (row < v_nrows)
+        if NWV == 2:
+            rm2 = gl.expand_dims(gl.convert_layout(rm, gl.SliceLayout(4, VW5), assert_trivial=True), 4) & (wi < 2)
+            w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER), mask=rm2, other=0))
+        else:
+            w0 = gl.load(vptr + 2 * i * (128 // VPER), mask=rm, other=0)
+    else:
+        if NWV == 2:
+            w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER)))
+        else:
+            w0 = gl.load(vptr + 2 * i * (128 // VPER))
+    if NWV == 2:
+        w0 = gl.convert_layout(w0, V4, assert_trivial=True)
+        w1 = gl.convert_layout(w1, V4, assert_trivial=True)
+    tt = _vrows()
+    j = tt % VPER
+    jh = j % HALF
+    near = jh < NIN
+    S4: gl.constexpr = gl.SliceLayout(3, V4)
+    lo0, hi0 = _merge(w0, V3)
+    lo0 = gl.convert_layout(lo0, S4, assert_trivial=True)
+    hi0 = gl.convert_layout(hi0, S4, assert_trivial=True)
+    x = gl.where(j < HALF, gl.where(near, _v5_of(lo0), _v5_of(lo0 >> (BITS * NIN))),
+                 gl.where(near, _v5_of(hi0), _v5_of(hi0 >> (BITS * NIN))))
+    if NWV == 2:
+        lo1, hi1 = _merge(w1, V3)
+        lo1 = gl.convert_layout(lo1, S4, assert_trivial=True)
+        hi1 = gl.convert_layout(hi1, S4, assert_trivial=True)
+        x1 = gl.where(j < HALF, gl.where(near, _v5_of(lo1), _v5_of(lo1 >> (BITS * NIN))),
+                      gl.where(near, _v5_of(hi1), _v5_of(hi1 >> (BITS * NIN))))
+        x = gl.where(tt < VPER, x, x1)
+    pos = gl.where(near, BITS * jh, BITS * (jh - NIN))
+    mk = ((1 << BITS) - 1) << pos
+    y = gl.inline_asm_elementwise(RAW_AND, "=r,r,r,r,r", [x, mk | (mk << 16)], dtype=gl.float16, is_pure=True,
+                                  pack=2)
+    return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
+
+
+@gluon.jit
+def _raw_vfac(oc, BITS: gl.constexpr):
+    """``2^(24 - pos)`` of accumulator rows ``oc`` (``8 t + r``: code ``t % VPER`` of its word) of raw values."""
+    VPER: gl.constexpr = 32 // BITS
+    HALF: gl.constexpr = VPER // 2
+    NIN: gl.constexpr = (10 - BITS) // BITS + 1
+    jh = ((oc // 8) % VPER) % HALF
+    pos = gl.where(jh < NIN, BITS * jh, BITS * (jh - NIN))
+    return _pow2(24 - pos)
 
 
 @gluon.jit
@@ -1013,13 +1240,23 @@ def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexp
 
 
 @gluon.jit
-def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, i: gl.constexpr, T0, trow, k_ell, k_nrows, cbase,
-            K_BITS: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr):
+def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, qs, i: gl.constexpr, T0, trow, k_ell, k_nrows, cbase,
+            K_BITS: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
+            K_RAW: gl.constexpr):
     """Scores ``S^T [16 tokens, 8 queries]`` (log2 units, unmasked) of chunk ``i`` of the half tile whose chunk 0
     starts at ``T0`` (physical tokens ``T0 + trow + 2 i``). The key chunk comes from ``klo, khi, ksc, kzr``
-    (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`); with key outliers (``K_OUT``) the terms of each
+    (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`; raw keys: words and row factors, ``K_RAW``); with
+    key outliers (``K_OUT``) the terms of each
     row's first two slots (:func:`_k_out`; a third and fourth: :func:`_half`)."""
-    s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
+    if K_RAW:  # codes x scaled queries, then each row's scale and zero (sk, zk: _raw_rows; qs: the queries' sums)
+        if K_BITS == 3:
+            s = mma_v2(_tok3_kchunk_raw(wk), qb, zs)
+        else:
+            s = mma_v2(_tok_kchunk_raw(wk, K_BITS), qb, zs)
+        rs, rz = _raw_rows(sk, zk, T0 + trow + 2 * i, k_nrows, K_BITS, MASKED)
+        s = s * rs + rz * qs
+    else:
+        s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
     if K_OUT > 0:
         s = _k_out(s, k_ell, T0 + trow + 2 * i, k_nrows, cbase + 8192, MASKED, BF16)
     return s
@@ -1080,12 +1317,12 @@ def _zrow(v_zero, row, v_nrows, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
-          k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX,
-          COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS: gl.constexpr,
+def _half(acc, m_i, l_i, za, qb, zs, qs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale,
+          v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd,
+          M, NMAX, COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS: gl.constexpr,
           K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr,
           MASKED: gl.constexpr, STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
-          V_OUT: gl.constexpr):
+          V_OUT: gl.constexpr, K_RAW: gl.constexpr, V_RAW: gl.constexpr):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
     ``P V``. ChannelQuant halves keep only half of each lane's key words in registers; with ``STAGED`` the key words
     come from the shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage, otherwise from global
@@ -1098,6 +1335,24 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     WOFF: gl.constexpr = 0 if K_BITS == 2 else 64  # first token of the half's key words: T0 + WOFF w + lane run
     if K_TOK:  # TokenQuant keys: each chunk's own words and scales (kc_off / krow_w: words; ks_off / krow_l: scales)
         T8 = T0 + HOFF * w  # the half's chunk i has physical tokens T8 + trow + 2 i
+    if K_RAW:
+        wk0 = _tok_key_words(k_data, T8, k_nrows, krow_w, kc_off, KPER, MASKED)
+        wk1 = _tok_key_words(k_data, T8 + 2, k_nrows, krow_w, kc_off, KPER, MASKED)
+        wk2 = _tok_key_words(k_data, T8 + 4, k_nrows, krow_w, kc_off, KPER, MASKED)
+        wk3 = _tok_key_words(k_data, T8 + 6, k_nrows, krow_w, kc_off, KPER, MASKED)
+        sk0 = k_scale2  # the row factors are loaded by _scores (_raw_rows)
+        zk0 = k_zero2
+        sk1 = k_scale2
+        zk1 = k_zero2
+        sk2 = k_scale2
+        zk2 = k_zero2
+        sk3 = k_scale2
+        zk3 = k_zero2
+        klo = 0
+        khi = 0
+        ksc = 0
+        kzr = 0
+    elif K_TOK:
         wk0, sk0, zk0 = _tok_key_load(k_data, k_scale2, k_zero2, T8, k_nrows, krow_w, kc_off, krow_l, ks_off, KPER,
                                       K_GROUP, MASKED)
         wk1, sk1, zk1 = _tok_key_load(k_data, k_scale2, k_zero2, T8 + 2, k_nrows, krow_w, kc_off, krow_l, ks_off,
@@ -1155,14 +1410,14 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
         vmore = _more(v_ell, vrow0, v_nrows)
     else:
         vmore = False
-    s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, 0, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
-                 BF16, K_TOK, K_OUT)
-    s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, 1, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
-                 BF16, K_TOK, K_OUT)
-    s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, 2, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
-                 BF16, K_TOK, K_OUT)
-    s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, 3, T8, trow, k_ell, k_nrows, cbase, K_BITS, MASKED,
-                 BF16, K_TOK, K_OUT)
+    s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, qs, 0, T8, trow, k_ell, k_nrows, cbase, K_BITS,
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
+    s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, qs, 1, T8, trow, k_ell, k_nrows, cbase, K_BITS,
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
+    s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, qs, 2, T8, trow, k_ell, k_nrows, cbase, K_BITS,
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
+    s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, qs, 3, T8, trow, k_ell, k_nrows, cbase, K_BITS,
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
     if K_OUT == 4:
         if kmore:  # a third and fourth key outlier in some row of the half tile (QAQ's ties: ~14% of half tiles)
             k1 = _plane1(k_ell, k_nrows)
@@ -1188,7 +1443,17 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
     p1 = gl.exp2(s1 - ms)
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
-    if V_Z:
+    if V_RAW:  # raw values: P^T times each token's scale, the zeros' term per query in za (summed at the end)
+        sv0, zv0 = _vsz(v_scale, v_zero, vrow0 + trow, v_nrows, MASKED)
+        sv1, zv1 = _vsz(v_scale, v_zero, vrow0 + trow + 2, v_nrows, MASKED)
+        sv2, zv2 = _vsz(v_scale, v_zero, vrow0 + trow + 4, v_nrows, MASKED)
+        sv3, zv3 = _vsz(v_scale, v_zero, vrow0 + trow + 6, v_nrows, MASKED)
+        za = za * gl.expand_dims(alpha, 0) + ((p0 * zv0 + p1 * zv1) + (p2 * zv2 + p3 * zv3))
+        acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, MASKED), _pt(p0 * sv0, BF16), acc)
+        acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, MASKED), _pt(p1 * sv1, BF16), acc)
+        acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, MASKED), _pt(p2 * sv2, BF16), acc)
+        acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 3, V_BITS, VPER, MASKED), _pt(p3 * sv3, BF16), acc)
+    elif V_Z:
         zc = p0 * _zrow(v_zero, vrow0 + trow, v_nrows, MASKED)
         zc += p1 * _zrow(v_zero, vrow0 + trow + 2, v_nrows, MASKED)
         zc += p2 * _zrow(v_zero, vrow0 + trow + 4, v_nrows, MASKED)
@@ -1220,16 +1485,17 @@ def _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
         _vd_clear(a2, e2, b2, f2)
         _BARRIER()
         _vd_clear(a3, e3, b3, f3)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, za
 
 
 @gluon.jit
-def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
-          v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow,
-          qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell,
-          cbase, cbuf, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
+def _step(acc, m_i, l_i, za, qb, zs, qs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+          k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off,
+          vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell,
+          v_ell, cbase, cbuf, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
           V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr,
-          K_TOK: gl.constexpr, K_OUT: gl.constexpr, V_OUT: gl.constexpr):
+          K_TOK: gl.constexpr, K_OUT: gl.constexpr, V_OUT: gl.constexpr, K_RAW: gl.constexpr,
+          V_RAW: gl.constexpr):
     """Half tile ``ht`` of the head (tile ``ht // 2``, half ``ht % 2``). Staged keys: at the tile's first half the
     next tile (at token ``T_next``, when ``issue_next``) is copied into the other stage, and this tile's stage ``st``
     is waited for."""
@@ -1252,21 +1518,21 @@ def _step(acc, m_i, l_i, qb, zs, ht, st, issue_next, T_next, abeg, kbeg, vbeg, c
         ks_st = 0
         kz_st = 0
     if inner:
-        acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
-                              v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
-                              vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+                              k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
+                              vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
                               kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
-                              WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
+                              WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
     else:
-        acc, m_i, l_i = _half(acc, m_i, l_i, qb, zs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
-                              v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
-                              vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+                              k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
+                              vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
                               kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
-                              WANT_SCORES, True, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
+                              WANT_SCORES, True, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
     if STAGE_K:
         if w == 1:
             _BARRIER()  # every lane has read this stage before it is refilled
-    return acc, m_i, l_i
+    return acc, m_i, l_i, za
 
 
 @gluon.jit
@@ -1297,6 +1563,7 @@ def _kivi_attn_kernel(
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
+    K_RAW: gl.constexpr = False, V_RAW: gl.constexpr = False,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
@@ -1340,6 +1607,11 @@ def _kivi_attn_kernel(
         qb = (qv.to(gl.float32) * qscale).to(gl.bfloat16)
     else:
         qb = (qv.to(gl.float32) * qscale).to(gl.float16)
+    if K_RAW:  # raw keys: each channel's query times 2^(raw_exp - pos) (exact), and the queries' sums (the zero's)
+        qs = gl.expand_dims(gl.convert_layout(gl.sum(qb.to(gl.float32), 0), COL_L), 0)
+        qb = (qb.to(gl.float32) * gl.expand_dims(_raw_qfac(qk, K_BITS), 1)).to(gl.float16)
+    else:
+        qs = 0
     if K_OUT + V_OUT > 0:
         # rows 0-255: the two value-outlier delta tiles ([128 accumulator rows, 16 tokens] fp16 each, DT_L,
         # zeroed); rows 256-383: the scaled queries q' (float32 bits, also in accumulator-row order) for the key
@@ -1405,6 +1677,10 @@ def _kivi_attn_kernel(
     l_i = gl.full([8], 0.0, gl.float32, layout=COL_L)
     acc = gl.zeros([128, 8], gl.float32, layout=MMA)
     zs = gl.zeros([16, 8], gl.float32, layout=MMA)
+    if V_RAW:
+        za = gl.zeros([16, 8], gl.float32, layout=MMA)  # raw values: sum_t p[t, m] z_t per score row's lanes
+    else:
+        za = 0
     if STAGE_K:
         # two stages of each tile's key words and key scales / zeros: tile t + 1 is copied while tile t is computed
         gl.static_assert(K_BITS == 2)
@@ -1443,12 +1719,12 @@ def _kivi_attn_kernel(
                 w = ht % 2
                 if w == 0:
                     draw = _grab(ctr_ptr + hd, last)
-                acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, ht, tc % 2, nxt < ntiles, abeg + nxt * 128, abeg, kbeg,
-                                      vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows,
-                                      v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol,
-                                      s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread,
-                                      k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
-                                      WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
+                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, ht, tc % 2, nxt < ntiles, abeg + nxt * 128,
+                                      abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero,
+                                      k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off,
+                                      trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread,
+                                      sread, zread, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                                      WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
                 if w == 1:
                     ht = 2 * nxt
                     nxt = 2 * NSPLIT + _ticket(draw)
@@ -1459,12 +1735,12 @@ def _kivi_attn_kernel(
             cur = sp
             while cur < 2 * ntiles:
                 draw = _grab(ctr_ptr + hd, last)
-                acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, cur, 0, False, 0, abeg, kbeg, vbeg, cnt, new0, k_data,
-                                      k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
-                                      krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
-                                      col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell, v_ell, cbase,
-                                      cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK,
-                                      K_OUT, V_OUT)
+                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, cur, 0, False, 0, abeg, kbeg, vbeg, cnt,
+                                      new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows,
+                                      kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd,
+                                      M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell,
+                                      v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K,
+                                      BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
                 cur = nxt
                 nxt = 2 * NSPLIT + _ticket(draw)
     else:
@@ -1473,13 +1749,17 @@ def _kivi_attn_kernel(
                 _issue_keys(kflat, sflat, zflat, 0, abeg + t_lo * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
             async_copy.commit_group()
         for ht in range(2 * t_lo, 2 * t_hi):  # half tiles
-            acc, m_i, l_i = _step(acc, m_i, l_i, qb, zs, ht, (ht // 2 - t_lo) % 2, ht // 2 + 1 < t_hi,
+            acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, ht, (ht // 2 - t_lo) % 2, ht // 2 + 1 < t_hi,
                                   abeg + (ht // 2 + 1) * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
                                   zflat, kread, sread, zread, k_ell, v_ell, cbase, cbuf, K_BITS,
-                                  K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT)
+                                  K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW,
+                                  V_RAW)
     has = l_i > 0
+    if V_RAW:
+        acc = acc * gl.expand_dims(_raw_vfac(gl.arange(0, 128, layout=ROW_L), V_BITS), 1) + gl.expand_dims(
+            gl.sum(za, 0), 0)
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
     lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     orow = (hd * S_TOTAL + SPLIT_OFF + sp) * M + qcol
@@ -1639,7 +1919,12 @@ def _consts(plan, want_scores: bool) -> dict:
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits, tok),
                 DYNAMIC=plan.counters is not None and dynamic_enabled(),
                 BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok, K_OUT=_slots_of(plan.k, False),
-                V_OUT=_slots_of(plan.v, True), num_warps=1, maxnreg=MAXNREG)
+                V_OUT=_slots_of(plan.v, True),
+                K_RAW=raw_keys(plan.k.bits, plan.k.group, tok, plan.k.scale.dtype == torch.bfloat16,
+                               _slots_of(plan.k, False) + _slots_of(plan.v, True) > 0),
+                V_RAW=raw_values(plan.v.bits, plan.v.group, plan.v.scale.dtype == torch.bfloat16,
+                                 _slots_of(plan.v, True)),
+                num_warps=1, maxnreg=MAXNREG)
 
 
 def key_tokenquant(kspec) -> bool:
@@ -1778,7 +2063,8 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig.update(ctr_ptr="*i32", k_ell="*i32", v_ell="*i32")
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,
-                 K_OUT=k_out, V_OUT=v_out)
+                 K_OUT=k_out, V_OUT=v_out, K_RAW=raw_keys(k_bits, k_group, k_tok, bf16, k_out + v_out > 0),
+                 V_RAW=raw_values(v_bits, v_group, bf16, v_out))
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names

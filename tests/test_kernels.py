@@ -669,6 +669,41 @@ def _first_two(part):
 
 
 @gpu_only
+@pytest.mark.parametrize("kbits,vbits,amp", [(2, 2, 1), (4, 4, 1), (3, 3, 1), (2, 4, 1e-4), (4, 2, 1e-4),
+                                             (3, 2, 1e-2)])
+def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, monkeypatch, gluon_strict):
+    """Keys (2/3/4 bits) and values (2/4 bits) with one scale per row take the raw paths (codes as the MMA operand,
+    scales and zeros on the scores and on ``P^T``) and are at least as close to float64 as the pair
+    dequantization they replace, with long heads (thousands of small probabilities) and with scales near 2^-12
+    (``amp``), where ``P^T`` times a value scale is an fp16 subnormal for all but the largest probabilities."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    g = _gen(7 * kbits + vbits)
+    H, d, M = 4, 128, 4
+    counts = (4096, 3000, 2048, 1111)
+    k_part = _make("T", counts, d, kbits, 128, F16, g, 0)
+    v_part = _make("T", counts, d, vbits, 128, F16, g, 0)
+    for part in (k_part, v_part):
+        part.scale.mul_(amp)
+        part.zero.mul_(amp)
+    offs = dispatch._offsets(counts)
+    plan = PairPlan(PartSpec(k_part), PartSpec(v_part), offs[:H], offs[:H], list(counts), nsplit=5, device=DEV)
+    q = _randn(H, M, d, g=g, dtype=F16, scale=0.5 / amp ** 0.5 if amp != 1 else 1.0)
+    o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
+    consts = ga._consts(plan, False)
+    assert consts["K_RAW"] and consts["V_RAW"] == (vbits != 3)
+    raw = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
+    monkeypatch.setattr(ga, "RAW_K", False)
+    monkeypatch.setattr(ga, "RAW_V", False)
+    assert not ga._consts(plan, False)["K_RAW"]
+    pairs = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
+    print(f"raw {raw:.2e} pairs {pairs:.2e}")
+    assert raw < TOL[F16] and raw <= 1.25 * pairs + 1e-5
+
+
+@gpu_only
 @pytest.mark.parametrize("want,dtype", [(False, F16), (True, BF16)])
 def test_gluon_rare_second_plane(want, dtype, monkeypatch, gluon_strict):
     """QAQ's ties: two outliers in every row, a third or fourth in a few rows only (at a head's first and last row,
@@ -911,12 +946,17 @@ _BUILD = """
 import sys
 from kernels import gluon_attention as ga
 bf16, dynamic, tok, out = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] == "1", int(sys.argv[8])
-vg = 128 if sys.argv[2] in ("1", "3") else 32
-ptx = ga.compile_offline(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7]), vg, want_scores=sys.argv[3] == "1",
-                         bf16=bf16, dynamic=dynamic, k_tok=tok, k_out=out, v_out=out).asm["ptx"]
+kb, vb, kg = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7])
+vg = 128 if vb in (1, 3) or (tok and kg == 128) else 32
+ptx = ga.compile_offline(kb, vb, kg, vg, want_scores=sys.argv[3] == "1", bf16=bf16, dynamic=dynamic, k_tok=tok,
+                         k_out=out, v_out=out).asm["ptx"]
 t = "bf16" if bf16 else "f16"
-need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "lop3.b32",
-        f"fma.rn.{t}x2", "prmt.b32", "shf.l.wrap.b32")  # rotations
+need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32")
+raw = (ga.raw_keys(kb, kg, tok, bf16, out > 0), ga.raw_values(vb, vg, bf16, out))
+if raw[0] or raw[1]:  # codes masked out as fp16 subnormals (the raw paths)
+    need += ("and.b32",)
+if not (raw[0] and raw[1]):  # pair dequantization: rotation, magic, fma
+    need += ("lop3.b32", f"fma.rn.{t}x2", "shf.l.wrap.b32")
 if not tok:
     need += (f"mul.rn.{t}x2",)  # ChannelQuant key scale pairs prepared in the kernel
 if sys.argv[1] == "2" and not tok:
@@ -943,7 +983,8 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
     (2, 2, True, True, False, False, 32, 0), (2, 2, True, False, True, True, 32, 0),
     (4, 2, False, True, False, True, 128, 0), (4, 4, False, False, True, True, 128, 4),
     (2, 4, True, True, False, True, 64, 4), (3, 3, True, False, True, True, 128, 4),
-    (2, 3, False, True, False, False, 32, 0), (3, 1, False, False, True, True, 128, 4)])
+    (2, 3, False, True, False, False, 32, 0), (3, 1, False, False, True, True, 128, 4),
+    (2, 4, True, False, True, True, 128, 0), (4, 2, False, False, False, True, 128, 0)])
 def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg, out):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
@@ -1208,6 +1249,36 @@ def _apply_bases(bases: list, o: int) -> tuple:
         if o >> k & 1:
             c = [x ^ y for x, y in zip(c, b)]
     return tuple(c)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gluon_raw_codes_emulated(bits):
+    """The raw paths' premise, emulated bit for bit: for every code position ``j`` of a 16-bit half (3 bits: of a
+    spread word, codes ``j`` and ``j + 5``), masking the word (or the word shifted by ``bits * raw_in_place``) with
+    the code's mask at ``raw_pos(j)`` in both halves gives the fp16 subnormals ``code x 2^(pos - 24)`` exactly,
+    whatever the other codes hold; times the query factor ``raw_qfac(j)`` every position reads ``code x
+    2^(RAW_EXP - 24)``; and the factors stay within ``[2^-6, 4]`` (no scaled fp16 query overflows)."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    g = np.random.default_rng(bits)
+    per_half = 5 if bits == 3 else 16 // bits
+    nin = ga.raw_in_place(bits)
+    exp = ga.RAW_EXP.value if hasattr(ga.RAW_EXP, "value") else ga.RAW_EXP
+    for j in range(per_half):
+        pos = ga.raw_pos(j, bits)
+        assert 0 <= pos and pos + bits <= 10  # below the exponent: a subnormal
+        assert 2.0 ** -6 <= ga.raw_qfac(j, bits) <= 4 and ga.raw_qfac(j, bits) * 2.0 ** pos == 2.0 ** exp
+        mask = ((1 << bits) - 1) << pos
+        for _ in range(50):
+            halves = [int(x) for x in g.integers(0, 1 << 15, 2)]  # random codes everywhere (bit 15 unused at 3 bits)
+            if bits != 3:
+                halves = [int(x) for x in g.integers(0, 1 << 16, 2)]
+            word = halves[0] | halves[1] << 16
+            reg = (word if j < nin else word >> (bits * nin)) & (mask | mask << 16)
+            got = np.array([reg & 0xFFFF, reg >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
+            codes = [(h >> (bits * j)) & ((1 << bits) - 1) for h in halves]
+            assert got.tolist() == [c * 2.0 ** (pos - 24) for c in codes]
 
 
 @pytest.mark.parametrize("kg", [16, 32, 64, 128])
