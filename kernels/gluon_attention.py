@@ -856,12 +856,12 @@ def raw_qfac(j: int, bits: int) -> float:
     return 2.0 ** (RAW_EXP.value - raw_pos(j, bits))
 
 
-def raw_keys(bits: int, group: int, tok: bool, bf16: bool, outliers: bool = False) -> bool:
-    """Whether a pair's keys take the raw path: TokenQuant, one scale per row, 2, 3 or 4 bits, fp16 (bf16 subnormals
-    would underflow the products), unless switched off (``KV_GLUON_RAWK=0``). Not 4-bit keys in a pair with outliers
-    (``outliers``): ptxas spilled 24-100 bytes for those kernels at the 168-register cap, where the pair path
-    spills none, and 4-bit rows with QAQ's outliers ran 2% slower on the H100 (kernels/NOTES.md, session 12)."""
-    return RAW_K and tok and group == 128 and bits in (2, 3, 4) and not bf16 and not (bits == 4 and outliers)
+def raw_keys(bits: int, group: int, tok: bool, bf16: bool) -> bool:
+    """Whether a pair's keys take the raw path: TokenQuant, one scale per row, 2 or 3 bits, fp16 (bf16 subnormals
+    would underflow the products), unless switched off (``KV_GLUON_RAWK=0``). The kernel builds raw 4-bit keys too
+    (:func:`_tok_kchunk_raw`), but ptxas spilled 16-100 bytes for them at the 168-register cap where the pairs spill
+    none, and they ran 1-2% slower on the H100 (kernels/NOTES.md, session 12), so 4-bit keys keep the pairs."""
+    return RAW_K and tok and group == 128 and bits in (2, 3) and not bf16
 
 
 def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
@@ -1920,8 +1920,7 @@ def _consts(plan, want_scores: bool) -> dict:
                 DYNAMIC=plan.counters is not None and dynamic_enabled(),
                 BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok, K_OUT=_slots_of(plan.k, False),
                 V_OUT=_slots_of(plan.v, True),
-                K_RAW=raw_keys(plan.k.bits, plan.k.group, tok, plan.k.scale.dtype == torch.bfloat16,
-                               _slots_of(plan.k, False) + _slots_of(plan.v, True) > 0),
+                K_RAW=raw_keys(plan.k.bits, plan.k.group, tok, plan.k.scale.dtype == torch.bfloat16),
                 V_RAW=raw_values(plan.v.bits, plan.v.group, plan.v.scale.dtype == torch.bfloat16,
                                  _slots_of(plan.v, True)),
                 num_warps=1, maxnreg=MAXNREG)
@@ -2063,7 +2062,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig.update(ctr_ptr="*i32", k_ell="*i32", v_ell="*i32")
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,
-                 K_OUT=k_out, V_OUT=v_out, K_RAW=raw_keys(k_bits, k_group, k_tok, bf16, k_out + v_out > 0),
+                 K_OUT=k_out, V_OUT=v_out, K_RAW=raw_keys(k_bits, k_group, k_tok, bf16),
                  V_RAW=raw_values(v_bits, v_group, bf16, v_out))
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)

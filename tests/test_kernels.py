@@ -672,7 +672,7 @@ def _first_two(part):
 @pytest.mark.parametrize("kbits,vbits,amp", [(2, 2, 1), (4, 4, 1), (3, 3, 1), (2, 4, 1e-4), (4, 2, 1e-4),
                                              (3, 2, 1e-2)])
 def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, monkeypatch, gluon_strict):
-    """Keys (2/3/4 bits) and values (2/4 bits) with one scale per row take the raw paths (codes as the MMA operand,
+    """Keys (2/3 bits) and values (2/4 bits) with one scale per row take the raw paths (codes as the MMA operand,
     scales and zeros on the scores and on ``P^T``) and are at least as close to float64 as the pair
     dequantization they replace, with long heads (thousands of small probabilities) and with scales near 2^-12
     (``amp``), where ``P^T`` times a value scale is an fp16 subnormal for all but the largest probabilities."""
@@ -693,7 +693,7 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, monkeypatch, gluon_st
     q = _randn(H, M, d, g=g, dtype=F16, scale=0.5 / amp ** 0.5 if amp != 1 else 1.0)
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
     consts = ga._consts(plan, False)
-    assert consts["K_RAW"] and consts["V_RAW"] == (vbits != 3)
+    assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"] == (vbits != 3)
     raw = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
     monkeypatch.setattr(ga, "RAW_K", False)
     monkeypatch.setattr(ga, "RAW_V", False)
@@ -952,7 +952,7 @@ ptx = ga.compile_offline(kb, vb, kg, vg, want_scores=sys.argv[3] == "1", bf16=bf
                          k_out=out, v_out=out).asm["ptx"]
 t = "bf16" if bf16 else "f16"
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32")
-raw = (ga.raw_keys(kb, kg, tok, bf16, out > 0), ga.raw_values(vb, vg, bf16, out))
+raw = (ga.raw_keys(kb, kg, tok, bf16), ga.raw_values(vb, vg, bf16, out))
 if raw[0] or raw[1]:  # codes masked out as fp16 subnormals (the raw paths)
     need += ("and.b32",)
 if not (raw[0] and raw[1]):  # pair dequantization: rotation, magic, fma
