@@ -7,6 +7,7 @@ is imported), on small shapes. With CUDA the same tests compile for the GPU, plu
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zlib
 
@@ -446,7 +447,10 @@ def test_launch_config_by_pair_kind():
     # 0- and 1-bit values (QAQ's default bounds store nearly all values so)
     ("T", 3, 1, 128, 128, 8, 1, False, True, 0, 1, F16), ("T", 3, 0, 128, 128, 4, 2, True, False, 3, 1, F16),
     ("C", 2, 1, 32, 32, 4, 1, False, True, 0, 1, F16), ("T", 4, 0, 64, 32, 8, 1, False, True, 5, 1, BF16),
-    ("T", 2, 1, 128, 16, 8, 4, True, False, 0, 1e-4, BF16), ("T", 3, 0, 128, 128, 4, 1, False, False, 0, 1, BF16)])
+    ("T", 2, 1, 128, 16, 8, 4, True, False, 0, 1e-4, BF16), ("T", 3, 0, 128, 128, 4, 1, False, False, 0, 1, BF16),
+    # raw codes (one scale per row, fp16): 2/3-bit keys, 2/4-bit values; ragged heads, scores, causal new rows
+    ("T", 2, 2, 128, 128, 4, 2, False, True, 3, 1e-4, F16), ("T", 3, 4, 128, 128, 8, 1, False, True, 5, 1, F16),
+    ("T", 2, 4, 128, 128, 8, 4, True, True, 5, 4e-4, F16), ("C", 2, 2, 32, 128, 4, 1, False, True, 3, 1, F16)])
 def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch,
                                     gluon_strict):
     """The Gluon kernel for packed 2/4-bit pairs (taken and not switched off: checked) against float64: ragged heads
@@ -610,7 +614,9 @@ def test_bench_qaq_rows_are_qaqs_storage():
     (2, 3, 64, 128, 8, 1, False, True, 0, 3, 4, F16, True), (3, 3, 128, 128, 8, 4, False, False, 5, 2, 3, BF16, False),
     (4, 3, 128, 128, 4, 1, True, True, 0, 0, 2, F16, False),
     (3, 1, 128, 128, 8, 1, False, True, 0, 2, 2, F16, False), (3, 0, 128, 128, 8, 1, False, True, 3, 3, 4, F16, False),
-    (4, 0, 128, 64, 4, 2, True, False, 0, 2, 2, BF16, True)])
+    (4, 0, 128, 64, 4, 2, True, False, 0, 2, 2, BF16, True),
+    # raw values (no value outliers) next to key outliers, raw keys or not
+    (2, 4, 128, 128, 8, 2, False, True, 3, 2, 0, F16, False), (4, 2, 128, 128, 4, 1, True, True, 0, 3, 0, F16, True)])
 def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, k_most, v_most, dtype, static,
                                       monkeypatch, gluon_strict):
     """TokenQuant pairs with sparse outliers (up to ``k_most`` / ``v_most`` per row, rows with none among them:
@@ -669,13 +675,15 @@ def _first_two(part):
 
 
 @gpu_only
-@pytest.mark.parametrize("kbits,vbits,amp", [(2, 2, 1), (4, 4, 1), (3, 3, 1), (2, 4, 1e-4), (4, 2, 1e-4),
-                                             (3, 2, 1e-2)])
-def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, monkeypatch, gluon_strict):
+@pytest.mark.parametrize("kbits,vbits,amp,spread", [(2, 2, 1, 1), (4, 4, 1, 3), (3, 3, 1, 1), (2, 4, 1e-3, 3),
+                                                    (4, 2, 1e-3, 5), (3, 2, 1e-2, 3)])
+def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, gluon_strict):
     """Keys (2/3 bits) and values (2/4 bits) with one scale per row take the raw paths (codes as the MMA operand,
-    scales and zeros on the scores and on ``P^T``) and are at least as close to float64 as the pair
-    dequantization they replace, with long heads (thousands of small probabilities) and with scales near 2^-12
-    (``amp``), where ``P^T`` times a value scale is an fp16 subnormal for all but the largest probabilities."""
+    scales and zeros on the scores and on ``P^T``) on the Gluon kernel and are at least as close to float64 as the
+    pair dequantization they replace, with long heads (thousands of small probabilities), peaked attention (scores
+    of standard deviation ``spread``) and small scales (K and V times ``amp``): without the part's factor 2^E
+    (:func:`value_factor`) most ``p s`` entries of ``P^T`` were then fp16 subnormals, and the error grew to 3e-2
+    (an emulation of the kernel's rounding in review) against 3e-4 for the pairs."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -690,11 +698,17 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, monkeypatch, gluon_st
         part.zero.mul_(amp)
     offs = dispatch._offsets(counts)
     plan = PairPlan(PartSpec(k_part), PartSpec(v_part), offs[:H], offs[:H], list(counts), nsplit=5, device=DEV)
-    q = _randn(H, M, d, g=g, dtype=F16, scale=0.5 / amp ** 0.5 if amp != 1 else 1.0)
+    q = _randn(H, M, d, g=g, dtype=F16, scale=spread / amp)  # K rows of about amp: scores of about spread
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
     consts = ga._consts(plan, False)
     assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"] == (vbits != 3)
+    assert ga.value_factor(plan.v) == (2.0 ** (15 - math.frexp(float(v_part.scale.float().max()))[1])
+                                       if vbits != 3 else 1.0)
+    taken = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
     raw = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
+    assert taken, "the Gluon kernel was not used"
     monkeypatch.setattr(ga, "RAW_K", False)
     monkeypatch.setattr(ga, "RAW_V", False)
     assert not ga._consts(plan, False)["K_RAW"]
@@ -953,8 +967,11 @@ ptx = ga.compile_offline(kb, vb, kg, vg, want_scores=sys.argv[3] == "1", bf16=bf
 t = "bf16" if bf16 else "f16"
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32")
 raw = (ga.raw_keys(kb, kg, tok, bf16), ga.raw_values(vb, vg, bf16, out))
-if raw[0] or raw[1]:  # codes masked out as fp16 subnormals (the raw paths)
-    need += ("and.b32",)
+for side, b in ((0, kb), (1, vb)):
+    if raw[side]:  # codes masked out as fp16 subnormals at position 0 of both halves (the raw paths)
+        need += (f"mov.b32 \t%r", f", {((1 << b) - 1) * 65537};")  # the mask of position 0, both halves
+if raw[0]:
+    need += ("0f4A800000",)  # a raw key score row's factor 2^22 over its scale
 if not (raw[0] and raw[1]):  # pair dequantization: rotation, magic, fma
     need += ("lop3.b32", f"fma.rn.{t}x2", "shf.l.wrap.b32")
 if not tok:
@@ -1256,7 +1273,7 @@ def test_gluon_raw_codes_emulated(bits):
     """The raw paths' premise, emulated bit for bit: for every code position ``j`` of a 16-bit half (3 bits: of a
     spread word, codes ``j`` and ``j + 5``), masking the word (or the word shifted by ``bits * raw_in_place``) with
     the code's mask at ``raw_pos(j)`` in both halves gives the fp16 subnormals ``code x 2^(pos - 24)`` exactly,
-    whatever the other codes hold; times the query factor ``raw_qfac(j)`` every position reads ``code x
+    whatever the other codes hold (int32 words, shifted arithmetically as the kernel does); times the query factor ``raw_qfac(j)`` every position reads ``code x
     2^(RAW_EXP - 24)``; and the factors stay within ``[2^-6, 4]`` (no scaled fp16 query overflows)."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     from kernels import gluon_attention as ga
@@ -1274,8 +1291,9 @@ def test_gluon_raw_codes_emulated(bits):
             halves = [int(x) for x in g.integers(0, 1 << 15, 2)]  # random codes everywhere (bit 15 unused at 3 bits)
             if bits != 3:
                 halves = [int(x) for x in g.integers(0, 1 << 16, 2)]
-            word = halves[0] | halves[1] << 16
-            reg = (word if j < nin else word >> (bits * nin)) & (mask | mask << 16)
+            word = np.array([halves[0] | halves[1] << 16], dtype=np.uint32).view(np.int32)  # int32, as in the kernel
+            shifted = word if j < nin else word >> (bits * nin)  # arithmetic: sign bits must fall outside the masks
+            reg = int((shifted & np.int32(mask | mask << 16)).view(np.uint32)[0])
             got = np.array([reg & 0xFFFF, reg >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
             codes = [(h >> (bits * j)) & ((1 << bits) - 1) for h in halves]
             assert got.tolist() == [c * 2.0 ** (pos - 24) for c in codes]
@@ -1365,7 +1383,8 @@ def test_gluon_argument_lists_match_the_kernel():
 
     gl_mod = pytest.importorskip("kernels.gluon_attention")
     t = torch.zeros(4, dtype=torch.int32)
-    part = NS(data=t, scale=torch.zeros(4, dtype=F16), zero=torch.zeros(4, dtype=F16), nrows=4, has_out=False)
+    part = NS(data=t, scale=torch.zeros(4, dtype=F16), zero=torch.zeros(4, dtype=F16), nrows=4, has_out=False,
+              bits=2, group=128)
     plan = NS(k=part, v=part, meta=None, scalars=(0,) * 6, col_base=0, newr=0, nsplit=2, counters=None)
     q = torch.zeros(2, 4, 128, dtype=F16)
     names = gl_mod._kivi_attn_kernel.arg_names
