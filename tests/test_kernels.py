@@ -1273,8 +1273,9 @@ def test_gluon_raw_codes_emulated(bits):
     """The raw paths' premise, emulated bit for bit: for every code position ``j`` of a 16-bit half (3 bits: of a
     spread word, codes ``j`` and ``j + 5``), masking the word (or the word shifted by ``bits * raw_in_place``) with
     the code's mask at ``raw_pos(j)`` in both halves gives the fp16 subnormals ``code x 2^(pos - 24)`` exactly,
-    whatever the other codes hold (int32 words, shifted arithmetically as the kernel does); times the query factor ``raw_qfac(j)`` every position reads ``code x
-    2^(RAW_EXP - 24)``; and the factors stay within ``[2^-6, 4]`` (no scaled fp16 query overflows)."""
+    whatever the other codes hold (int32 words, shifted arithmetically as the kernel does); times the query factor
+    ``raw_qfac(j)`` every position reads ``code x 2^(RAW_EXP - 24)``; and the factors stay within ``[2^-6, 4]`` (no
+    scaled fp16 query overflows)."""
     pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
     from kernels import gluon_attention as ga
 
