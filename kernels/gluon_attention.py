@@ -872,29 +872,26 @@ def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
     return RAW_V and group == 128 and bits in (2, 4) and not bf16 and slots == 0
 
 
-def value_factor(spec) -> float:
-    """The power of two ``2^E`` that raw values multiply ``p s`` by before it becomes an fp16 ``P^T`` entry (and
-    divide each output row by at the end): ``2^15 <= 2^E max(s) < 2^16`` over the part, so no entry overflows
-    (``p <= 1``) and only products below ``2^-29`` of the largest are fp16 subnormals (with ``2^E = 1`` small value
-    scales made most ``p s`` subnormals: errors of ``2^-25 / (p s)`` each, above the pairs' when attention is peaked).
-    One host sync per part, cached on it (with the scale tensor and its version); 1 for parts that do not take the
-    raw value path."""
+def value_exponent(spec) -> int:
+    """The exponent ``E`` by which raw values scale the probabilities (``exp2(score - m + E)``; so ``l``, the zeros'
+    term and ``P^T = p 2^E s`` with it, and the lse takes ``E`` off again): ``2^15 <= 2^E max(s) < 2^16`` over the
+    part, so no ``P^T`` entry overflows (``p <= 1``) and only products below ``2^-29`` of the largest are fp16
+    subnormals. Without it small value scales with peaked attention made most ``p s`` subnormals, with errors of
+    ``2^-25 / (p s)`` each, above the pairs' (found in review). One host sync per part, cached on it (with the scale
+    tensor and its version); 0 for parts that do not take the raw value path."""
     if not raw_values(spec.bits, spec.group, spec.scale.dtype == torch.bfloat16, _slots_of(spec, True)):
-        return 1.0
+        return 0
     part = getattr(spec, "part", None)
-    key = (spec.scale, spec.scale._version)
-    cached = getattr(part, "_gluon_vfac", None)
-    if cached is not None and cached[0] is key[0] and cached[1] == key[1]:
+    cached = getattr(part, "_gluon_vexp", None)
+    if cached is not None and cached[0] is spec.scale and cached[1] == spec.scale._version:
         return cached[2]
     smax = float(spec.scale.float().abs().max()) if spec.scale.numel() else 0.0
-    fk = 1.0
-    if smax > 0 and math.isfinite(smax):
-        fk = 2.0 ** (15 - math.frexp(smax)[1])  # smax = m 2^e, 0.5 <= m < 1: smax fk = m 2^15 < 2^15
+    e = 15 - math.frexp(smax)[1] if smax > 0 and math.isfinite(smax) else 0  # smax = m 2^x, 1/2 <= m < 1
     try:
-        object.__setattr__(part, "_gluon_vfac", (key[0], key[1], fk))
+        object.__setattr__(part, "_gluon_vexp", (spec.scale, spec.scale._version, e))
     except (AttributeError, TypeError):
         pass
-    return fk
+    return e
 
 
 @gluon.jit
@@ -1343,7 +1340,7 @@ def _zrow(v_zero, row, v_nrows, MASKED: gl.constexpr):
 
 
 @gluon.jit
-def _half(acc, m_i, l_i, za, qb, zs, qs, vfk, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale,
+def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale,
           v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd,
           M, NMAX, COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS: gl.constexpr,
           K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr,
@@ -1465,20 +1462,17 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, vfk, T0, w, kbeg, vbeg, cnt, new0, k_da
     if not V_Z:
         acc = acc * gl.expand_dims(alpha, 0)
     ms = gl.expand_dims(m_safe, 0)
+    if V_RAW:  # the probabilities (and so l, P^T and the zeros' term) times the part's 2^E (value_exponent)
+        ms = ms - ve
     p0 = gl.exp2(s0 - ms)
     p1 = gl.exp2(s1 - ms)
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
-    if V_RAW:  # raw values: P^T times each token's scale (and the part's 2^E, vfk), the zeros' term per query in za
-        # (summed at the end)
+    if V_RAW:  # raw values: P^T times each token's scale, the zeros' term per query in za (summed at the end)
         sv0, zv0 = _vsz(v_scale, v_zero, vrow0 + trow, v_nrows, MASKED)
         sv1, zv1 = _vsz(v_scale, v_zero, vrow0 + trow + 2, v_nrows, MASKED)
         sv2, zv2 = _vsz(v_scale, v_zero, vrow0 + trow + 4, v_nrows, MASKED)
         sv3, zv3 = _vsz(v_scale, v_zero, vrow0 + trow + 6, v_nrows, MASKED)
-        sv0 = sv0 * vfk
-        sv1 = sv1 * vfk
-        sv2 = sv2 * vfk
-        sv3 = sv3 * vfk
         za = za * gl.expand_dims(alpha, 0) + ((p0 * zv0 + p1 * zv1) + (p2 * zv2 + p3 * zv3))
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, MASKED), _pt(p0 * sv0, BF16), acc)
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, MASKED), _pt(p1 * sv1, BF16), acc)
@@ -1520,7 +1514,7 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, vfk, T0, w, kbeg, vbeg, cnt, new0, k_da
 
 
 @gluon.jit
-def _step(acc, m_i, l_i, za, qb, zs, qs, vfk, ht, st, issue_next, T_next, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+def _step(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, T_next, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2,
           k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off,
           vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell,
           v_ell, cbase, cbuf, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
@@ -1549,13 +1543,13 @@ def _step(acc, m_i, l_i, za, qb, zs, qs, vfk, ht, st, issue_next, T_next, abeg, 
         ks_st = 0
         kz_st = 0
     if inner:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, vfk, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
                               k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
                               vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
                               kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
                               WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
     else:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, vfk, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
                               k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
                               vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
                               kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
@@ -1590,7 +1584,7 @@ _SIZES = ["KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", 
 def _kivi_attn_kernel(
     q_ptr, out_ptr, lse_ptr, s_ptr, k_data, k_scale, k_zero, v_data, v_scale, v_zero,
     meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
-    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, v_fk, ctr_ptr, k_ell, v_ell,
+    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, v_e, ctr_ptr, k_ell, v_ell,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
@@ -1750,7 +1744,7 @@ def _kivi_attn_kernel(
                 w = ht % 2
                 if w == 0:
                     draw = _grab(ctr_ptr + hd, last)
-                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_fk, ht, tc % 2, nxt < ntiles,
+                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, tc % 2, nxt < ntiles,
                                       abeg + nxt * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                       v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
                                       vw_off, vs_off, vrow_off,
@@ -1767,7 +1761,7 @@ def _kivi_attn_kernel(
             cur = sp
             while cur < 2 * ntiles:
                 draw = _grab(ctr_ptr + hd, last)
-                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_fk, cur, 0, False, 0, abeg, kbeg, vbeg, cnt,
+                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, cur, 0, False, 0, abeg, kbeg, vbeg, cnt,
                                       new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows,
                                       kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd,
                                       M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell,
@@ -1781,7 +1775,7 @@ def _kivi_attn_kernel(
                 _issue_keys(kflat, sflat, zflat, 0, abeg + t_lo * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
             async_copy.commit_group()
         for ht in range(2 * t_lo, 2 * t_hi):  # half tiles
-            acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_fk, ht, (ht // 2 - t_lo) % 2, ht // 2 + 1 < t_hi,
+            acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, (ht // 2 - t_lo) % 2, ht // 2 + 1 < t_hi,
                                   abeg + (ht // 2 + 1) * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
@@ -1790,10 +1784,11 @@ def _kivi_attn_kernel(
                                   V_RAW)
     has = l_i > 0
     if V_RAW:
-        acc = acc * gl.expand_dims(_raw_vfac(gl.arange(0, 128, layout=ROW_L), V_BITS) * (1.0 / v_fk), 1) + \
-            gl.expand_dims(gl.sum(za, 0), 0)
+        acc = acc * gl.expand_dims(_raw_vfac(gl.arange(0, 128, layout=ROW_L), V_BITS), 1) + gl.expand_dims(
+            gl.sum(za, 0), 0)
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
-    lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    m_l = m_i - v_e if V_RAW else m_i  # raw values: l is in units of 2^v_e
+    lse = gl.where(has, (m_l + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     orow = (hd * S_TOTAL + SPLIT_OFF + sp) * M + qcol
     oc = gl.arange(0, 128, layout=ROW_L)
     if V_BITS == 3:
@@ -2022,7 +2017,7 @@ def _warmup_args(plan) -> tuple:
     meta = torch.int64 if plan.meta is not None else torch.float32
     return (plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, meta, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
-            2, 2, 1.0, 1.0, torch.int32, torch.int32, torch.int32)
+            2, 2, 1.0, 0.0, torch.int32, torch.int32, torch.int32)
 
 
 def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> tuple:
@@ -2032,7 +2027,7 @@ def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, sc
     return (q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
             plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
-            s_total, plan.nsplit, float(scale), value_factor(plan.v),
+            s_total, plan.nsplit, float(scale), float(value_exponent(plan.v)),
             plan.counters if plan.counters is not None else plan.k.data,
             _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data))
 
@@ -2092,7 +2087,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig.update({n: "i32" for n in ("KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX",
                                    "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
     sig["sm_scale"] = "fp32"
-    sig["v_fk"] = "fp32"
+    sig["v_e"] = "fp32"
     sig.update(ctr_ptr="*i32", k_ell="*i32", v_ell="*i32")
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,

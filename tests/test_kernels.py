@@ -682,7 +682,7 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     scales and zeros on the scores and on ``P^T``) on the Gluon kernel and are at least as close to float64 as the
     pair dequantization they replace, with long heads (thousands of small probabilities), peaked attention (scores
     of standard deviation ``spread``) and small scales (K and V times ``amp``): without the part's factor 2^E
-    (:func:`value_factor`) most ``p s`` entries of ``P^T`` were then fp16 subnormals, and the error grew to 3e-2
+    (:func:`value_exponent`) most ``p s`` entries of ``P^T`` were then fp16 subnormals, and the error grew to 3e-2
     (an emulation of the kernel's rounding in review) against 3e-4 for the pairs."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
@@ -702,8 +702,7 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
     consts = ga._consts(plan, False)
     assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"] == (vbits != 3)
-    assert ga.value_factor(plan.v) == (2.0 ** (15 - math.frexp(float(v_part.scale.float().max()))[1])
-                                       if vbits != 3 else 1.0)
+    assert ga.value_exponent(plan.v) == (15 - math.frexp(float(v_part.scale.float().max()))[1] if vbits != 3 else 0)
     taken = []
     launch = ga.launch
     monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
