@@ -644,19 +644,28 @@ def _spread3(w):
 
 
 @gluon.jit
-def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
-    """fp16 (bf16) 3-bit TokenQuant key chunk ``[16 tokens, 128 channels]`` (A operand, channels in the order of
-    :func:`tok3_key_channel`) from the words ``[2 h, 8 r, 4 a, 4 w]`` (:data:`KW3`) and scales / zeros of
-    :func:`_tok_key_load`."""
+def _tok3_words(wd):
+    """A lane's 3-bit key words of a chunk (``[2 h, 8 r, 4 a, 4 w]``, :data:`KW3`) as the pairs see them: words 3a,
+    3a + 1, 3a + 2 spread (codes j and j + 5 16 bits apart) and word 12's codes a and a + 4 at bits 0 and 16, each
+    ``[2 h, 8 r, 4 a]`` (:data:`TSC`)."""
     e0, e1 = gl.split(gl.reshape(wd, [2, 8, 4, 2, 2]))  # words (0, 2), (1, 3)
     w0, w2 = gl.split(e0)
     w1, w3 = gl.split(e1)
     _, _, aa = _idx3(TSC, 2, 8, 4)
     w3 = gl.convert_layout(w3, TSC, assert_trivial=True) >> (3 * aa)
     x3 = (w3 & 0xFFFF) | ((w3 << 4) & -65536)  # code a at bit 0, code a + 4 at bit 16
-    x0 = _k5_of(_spread3(w0))
-    x1 = _k5_of(_spread3(w1))
-    x2 = _k5_of(_spread3(w2))
+    return _spread3(w0), _spread3(w1), _spread3(w2), x3
+
+
+@gluon.jit
+def _tok3_kchunk(wd, sc, zr, BF16: gl.constexpr):
+    """fp16 (bf16) 3-bit TokenQuant key chunk ``[16 tokens, 128 channels]`` (A operand, channels in the order of
+    :func:`tok3_key_channel`) from the words ``[2 h, 8 r, 4 a, 4 w]`` (:data:`KW3`) and scales / zeros of
+    :func:`_tok_key_load`."""
+    s0, s1, s2, x3 = _tok3_words(wd)
+    x0 = _k5_of(s0)
+    x1 = _k5_of(s1)
+    x2 = _k5_of(s2)
     ff = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
     ff = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(ff, 0), 1), 3), 4) + gl.full(
         [2, 8, 16, 4, 2], 0, gl.int32, layout=K5)
@@ -777,6 +786,8 @@ def _tok_key_load(k_data, k_scale, k_zero, T, k_nrows, kw_tok, kw_off, ks_tok, k
     """A chunk's TokenQuant key words ``[2 h, 8 r, NW w, 4 a]`` (each lane its ``NW`` words of tokens ``T + 8 r + h``;
     3 bits: ``[2 h, 8 r, 4 a, 4 w]``, :data:`KW3`, the layout of the offsets passed in) and their scales and zeros
     ``[2 h, 8 r, 4 a]`` (the lane's group)."""
+    # the words' loads as _tok_key_words's, written out: calling it put the address arithmetic in another order,
+    # and ptxas scheduled the TokenQuant (G < 128) kernels differently (their SASS changed)
     WPR: gl.constexpr = (128 + KPER - 1) // KPER  # words per row (13 at 3 bits)
     tw = T + kw_tok
     ts = T + ks_tok
@@ -851,7 +862,7 @@ def raw_pos(j: int, bits: int) -> int:
 def raw_qfac(j: int, bits: int) -> float:
     """The raw key path scales the (already ``sm_scale log2 e``-scaled) query of a channel whose code sits at
     ``raw_pos(j)`` by ``2^(RAW_EXP - pos)``, so that a score reads ``2^(RAW_EXP - 24) sum_c code_c q_c`` (times the
-    row's scale, :func:`_raw_rows`). At most 4: with d = 128 the scaled query stays below ``4 x 0.128 |q|``, so no
+    row's scale, :func:`_rows_sz`). At most 4: with d = 128 the scaled query stays below ``4 x 0.128 |q|``, so no
     fp16 query overflows; at least ``2^-6`` (2 bits, position 8), so only scaled queries below ~``2^-8`` lose
     bits as subnormals."""
     return 2.0 ** (RAW_EXP.value - raw_pos(j, bits))
@@ -940,15 +951,7 @@ def _tok3_kchunk_raw(wd):
     """Raw 3-bit TokenQuant key chunk (channels of :func:`tok3_key_channel`): the spread words' pairs ``(j, j + 5)``
     masked in place for ``j < 3`` and after a shift by 9 for ``j = 3, 4``; word 12's pair at bit 0 (as
     :func:`_tok3_kchunk` builds it)."""
-    e0, e1 = gl.split(gl.reshape(wd, [2, 8, 4, 2, 2]))  # words (0, 2), (1, 3)
-    w0, w2 = gl.split(e0)
-    w1, w3 = gl.split(e1)
-    _, _, aa = _idx3(TSC, 2, 8, 4)
-    w3 = gl.convert_layout(w3, TSC, assert_trivial=True) >> (3 * aa)
-    x3 = (w3 & 0xFFFF) | ((w3 << 4) & -65536)  # code a at bit 0, code a + 4 at bit 16
-    s0 = _spread3(w0)
-    s1 = _spread3(w1)
-    s2 = _spread3(w2)
+    s0, s1, s2, x3 = _tok3_words(wd)
     ff = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
     ff = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(ff, 0), 1), 3), 4) + gl.full(
         [2, 8, 16, 4, 2], 0, gl.int32, layout=K5)
@@ -965,30 +968,17 @@ def _tok3_kchunk_raw(wd):
 
 
 @gluon.jit
-def _raw_rows(k_scale, k_zero, tok, k_nrows, BITS: gl.constexpr, MASKED: gl.constexpr):
-    """The raw key path's per-row factors of a chunk's scores (rows ``tok``, :data:`ROW_L`): ``s 2^(24 - RAW_EXP)``
-    and ``z``, float32 ``[16, 1]``."""
+def _rows_sz(scale, zero, row, nrows, SF: gl.constexpr, MASKED: gl.constexpr):
+    """The scales (times ``SF``) and zeros of rows ``row`` (:data:`ROW_L`) of a part with one per row, float32
+    ``[16, 1]`` each (0 outside the part)."""
     if MASKED:
-        ok = (tok >= 0) & (tok < k_nrows)
-        sc = gl.load(k_scale + tok, mask=ok, other=0.0)
-        zr = gl.load(k_zero + tok, mask=ok, other=0.0)
+        ok = (row >= 0) & (row < nrows)
+        sc = gl.load(scale + row, mask=ok, other=0.0)
+        z = gl.load(zero + row, mask=ok, other=0.0)
     else:
-        sc = gl.load(k_scale + tok)
-        zr = gl.load(k_zero + tok)
-    return gl.expand_dims(sc.to(gl.float32) * RAW_ROW, 1), gl.expand_dims(zr.to(gl.float32), 1)
-
-
-@gluon.jit
-def _vsz(v_scale, v_zero, row, v_nrows, MASKED: gl.constexpr):
-    """The scales and zeros of value rows ``row`` (one per row, float32 ``[16, 1]`` each)."""
-    if MASKED:
-        ok = (row >= 0) & (row < v_nrows)
-        sc = gl.load(v_scale + row, mask=ok, other=0.0)
-        z = gl.load(v_zero + row, mask=ok, other=0.0)
-    else:
-        sc = gl.load(v_scale + row)
-        z = gl.load(v_zero + row)
-    return gl.expand_dims(sc.to(gl.float32), 1), gl.expand_dims(z.to(gl.float32), 1)
+        sc = gl.load(scale + row)
+        z = gl.load(zero + row)
+    return gl.expand_dims(sc.to(gl.float32) * SF, 1), gl.expand_dims(z.to(gl.float32), 1)
 
 
 @gluon.jit
@@ -1006,26 +996,7 @@ def _vchunk_raw(vptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.conste
     NWV: gl.constexpr = 16 // VPER
     HALF: gl.constexpr = VPER // 2
     NIN: gl.constexpr = (10 - BITS) // BITS + 1
-    if NWV == 2:  # a token's two words per lane in one 64-bit load
-        wi = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, VW5)))))
-        wi = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(wi, 0), 1), 2), 3)
-        vptr2 = gl.expand_dims(gl.convert_layout(vptr, gl.SliceLayout(4, VW5), assert_trivial=True), 4) + wi
-    if MASKED:
-        row = vrow0 + vrow_off + 2 * i
-        rm = (row >= 0) & (row < v_nrows)
-        if NWV == 2:
-            rm2 = gl.expand_dims(gl.convert_layout(rm, gl.SliceLayout(4, VW5), assert_trivial=True), 4) & (wi < 2)
-            w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER), mask=rm2, other=0))
-        else:
-            w0 = gl.load(vptr + 2 * i * (128 // VPER), mask=rm, other=0)
-    else:
-        if NWV == 2:
-            w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER)))
-        else:
-            w0 = gl.load(vptr + 2 * i * (128 // VPER))
-    if NWV == 2:
-        w0 = gl.convert_layout(w0, V4, assert_trivial=True)
-        w1 = gl.convert_layout(w1, V4, assert_trivial=True)
+    w0, w1 = _vwords(vptr, vrow0, v_nrows, vrow_off, i, VPER, MASKED)
     tt = _vrows()
     j = tt % VPER
     jh = j % HALF
@@ -1062,12 +1033,10 @@ def _raw_vfac(oc, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VPER: gl.constexpr,
-            VG: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
-    """fp16 (bf16) value chunk ``V^T [128 channels, 16 tokens]`` (A operand of ``O^T += V^T P^T``) of chunk ``i``.
-    ``vptr`` / ``sptr`` / ``zptr``: each element's word / scale / zero pointer at the tile's row 0."""
+def _vwords(vptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, VPER: gl.constexpr, MASKED: gl.constexpr):
+    """A value chunk's words (:data:`V4`): each lane's word of its tokens, and at 4 bits (two words per lane and token,
+    one 64-bit load) the second one (else ``w1`` is 0)."""
     NWV: gl.constexpr = 16 // VPER
-    HALF: gl.constexpr = VPER // 2
     if NWV == 2:  # a token's two words per lane in one 64-bit load
         wi = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, VW5)))))
         wi = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(wi, 0), 1), 2), 3)
@@ -1075,23 +1044,40 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
     if MASKED:
         row = vrow0 + vrow_off + 2 * i
         rm = (row >= 0) & (row < v_nrows)
-        sc = gl.load(sptr + 2 * i * (128 // VG), mask=rm, other=0.0)
-        zr = gl.load(zptr + 2 * i * (128 // VG), mask=rm, other=0.0)
         if NWV == 2:
             rm2 = gl.expand_dims(gl.convert_layout(rm, gl.SliceLayout(4, VW5), assert_trivial=True), 4) & (wi < 2)
             w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER), mask=rm2, other=0))
         else:
             w0 = gl.load(vptr + 2 * i * (128 // VPER), mask=rm, other=0)
+            w1 = 0
     else:
-        sc = gl.load(sptr + 2 * i * (128 // VG))
-        zr = gl.load(zptr + 2 * i * (128 // VG))
         if NWV == 2:
             w0, w1 = gl.split(gl.load(vptr2 + 2 * i * (128 // VPER)))
         else:
             w0 = gl.load(vptr + 2 * i * (128 // VPER))
+            w1 = 0
     if NWV == 2:
         w0 = gl.convert_layout(w0, V4, assert_trivial=True)
         w1 = gl.convert_layout(w1, V4, assert_trivial=True)
+    return w0, w1
+
+
+@gluon.jit
+def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.constexpr, VPER: gl.constexpr,
+            VG: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+    """fp16 (bf16) value chunk ``V^T [128 channels, 16 tokens]`` (A operand of ``O^T += V^T P^T``) of chunk ``i``.
+    ``vptr`` / ``sptr`` / ``zptr``: each element's word / scale / zero pointer at the tile's row 0."""
+    NWV: gl.constexpr = 16 // VPER
+    HALF: gl.constexpr = VPER // 2
+    if MASKED:
+        row = vrow0 + vrow_off + 2 * i
+        rm = (row >= 0) & (row < v_nrows)
+        sc = gl.load(sptr + 2 * i * (128 // VG), mask=rm, other=0.0)
+        zr = gl.load(zptr + 2 * i * (128 // VG), mask=rm, other=0.0)
+    else:
+        sc = gl.load(sptr + 2 * i * (128 // VG))
+        zr = gl.load(zptr + 2 * i * (128 // VG))
+    w0, w1 = _vwords(vptr, vrow0, v_nrows, vrow_off, i, VPER, MASKED)
     zero5 = gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
     tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
     tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
@@ -1271,12 +1257,12 @@ def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, qs, i: gl.constexpr, T0, tro
     (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`; raw keys: words and row factors, ``K_RAW``); with
     key outliers (``K_OUT``) the terms of each
     row's first two slots (:func:`_k_out`; a third and fourth: :func:`_half`)."""
-    if K_RAW:  # codes x scaled queries, then each row's scale and zero (sk, zk: _raw_rows; qs: the queries' sums)
+    if K_RAW:  # codes x scaled queries, then each row's scale and zero (sk, zk: _rows_sz; qs: the queries' sums)
         if K_BITS == 3:
             s = mma_v2(_tok3_kchunk_raw(wk), qb, zs)
         else:
             s = mma_v2(_tok_kchunk_raw(wk, K_BITS), qb, zs)
-        rs, rz = _raw_rows(sk, zk, T0 + trow + 2 * i, k_nrows, K_BITS, MASKED)
+        rs, rz = _rows_sz(sk, zk, T0 + trow + 2 * i, k_nrows, RAW_ROW, MASKED)
         s = s * rs + rz * qs
     else:
         s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
@@ -1363,7 +1349,7 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         wk1 = _tok_key_words(k_data, T8 + 2, k_nrows, krow_w, kc_off, KPER, MASKED)
         wk2 = _tok_key_words(k_data, T8 + 4, k_nrows, krow_w, kc_off, KPER, MASKED)
         wk3 = _tok_key_words(k_data, T8 + 6, k_nrows, krow_w, kc_off, KPER, MASKED)
-        sk0 = k_scale2  # the row factors are loaded by _scores (_raw_rows)
+        sk0 = k_scale2  # the row factors are loaded by _scores (_rows_sz)
         zk0 = k_zero2
         sk1 = k_scale2
         zk1 = k_zero2
@@ -1469,10 +1455,10 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
     if V_RAW:  # raw values: P^T times each token's scale, the zeros' term per query in za (summed at the end)
-        sv0, zv0 = _vsz(v_scale, v_zero, vrow0 + trow, v_nrows, MASKED)
-        sv1, zv1 = _vsz(v_scale, v_zero, vrow0 + trow + 2, v_nrows, MASKED)
-        sv2, zv2 = _vsz(v_scale, v_zero, vrow0 + trow + 4, v_nrows, MASKED)
-        sv3, zv3 = _vsz(v_scale, v_zero, vrow0 + trow + 6, v_nrows, MASKED)
+        sv0, zv0 = _rows_sz(v_scale, v_zero, vrow0 + trow, v_nrows, 1.0, MASKED)
+        sv1, zv1 = _rows_sz(v_scale, v_zero, vrow0 + trow + 2, v_nrows, 1.0, MASKED)
+        sv2, zv2 = _rows_sz(v_scale, v_zero, vrow0 + trow + 4, v_nrows, 1.0, MASKED)
+        sv3, zv3 = _rows_sz(v_scale, v_zero, vrow0 + trow + 6, v_nrows, 1.0, MASKED)
         za = za * gl.expand_dims(alpha, 0) + ((p0 * zv0 + p1 * zv1) + (p2 * zv2 + p3 * zv3))
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, MASKED), _pt(p0 * sv0, BF16), acc)
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, MASKED), _pt(p1 * sv1, BF16), acc)
