@@ -39,6 +39,11 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
   tile ahead (16-byte copies of the contiguous tile, an XOR swizzle against bank conflicts) and read from there in the
   register layout. Values and 4-bit keys load straight into registers (a token's two 4-bit value words per lane in
   one 64-bit load).
+* KIVI 2-bit (2-bit ChannelQuant keys in blocks of 32-128 tokens, 2-bit values in groups of 32 or 64, fp16, at most
+  4 query rows per KV head: :func:`raw_channel_keys`) skips the key dequantization: the codes are the A operand as
+  fp16 subnormals, each key block's scales ride on the queries (the B operand's columns 0-3 for lane rows 0-3, 4-7
+  for lane rows 4-7: two softmax streams per query, merged at the end), and each half tile's keys and values are
+  staged in shared memory one unit ahead (section "raw ChannelQuant keys" below).
 * Registers are capped at 168 per thread, so 3 one-warp programs fit per scheduler (12 per SM).
 * Launch: as many one-warp programs as fit on the GPU at once (:func:`resident_programs`, from the compiled kernel's
   registers and shared memory), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
@@ -109,6 +114,9 @@ RAW_K = os.environ.get("KV_GLUON_RAWK", "1") == "1"
 # values the same way (one scale per row, no value outliers): codes as the A operand, P^T times each token's scale as
 # the B operand, the zeros' term per query apart (0: dequantize each pair)
 RAW_V = os.environ.get("KV_GLUON_RAWV", "1") == "1"
+# staged 2-bit ChannelQuant keys (KIVI's) with at most 4 query rows per KV head, fp16: the codes as the A operand and
+# each key block's scales on the queries, two softmax streams per query (section "raw ChannelQuant keys"; 0: pairs)
+RAW_C = os.environ.get("KV_GLUON_RAWC", "1") == "1"
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -238,6 +246,10 @@ RAW_AND: gl.constexpr = gl.constexpr("and.b32 $0, $1, $3;")
 RAW_EXP: gl.constexpr = gl.constexpr(2)  # raw keys: the queries' factor 2^(RAW_EXP - pos) (raw_qfac)
 RAW_ROW: gl.constexpr = gl.constexpr(float(2 ** (24 - RAW_EXP.value)))  # raw keys: a score row's factor over its scale
 TRANS: gl.constexpr = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+# an int32 word as its two 16-bit halves (pack=2: the element pair's first input; the second is the same word)
+HALVES: gl.constexpr = gl.constexpr("mov.b32 $0, $1;")
+# the value a lane's register holds in lane ``lane ^ 2``: query column c <-> c + 4 of the accumulator layouts
+BFLY2: gl.constexpr = gl.constexpr("shfl.sync.bfly.b32 $0, $1, 2, 0x1f, 0xffffffff;")
 # the dynamic schedule's counter draw in two parts, so the atomic's latency is not waited for where it is issued:
 # lane 0 draws (GRAB: atom.inc, which returns the old value and wraps the counter to 0 once it reaches the launch's
 # final ticket), and later the drawn ticket is broadcast to the warp (TICKET)
@@ -495,6 +507,211 @@ def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.conste
     z5 = gl.expand_dims(gl.expand_dims(gl.convert_layout(zr, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0) + zero5
     y = _deq(x, sh, s5, z5, BITS, True, BF16)
     return gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+
+
+# ---- raw ChannelQuant keys (KIVI's per-channel blocks of tokens, 2 bits) ------------------------------------------
+# With per-channel scales s[b, c] and zeros z[b, c] of key block b, a score is
+# ``sum_c q_c (s_bc code_tc + z_bc) = sum_c (q_c s_bc) code_tc + sum_c q_c z_bc``: the A operand can be the codes
+# themselves (masked out of the merged words as fp16 subnormals, as for TokenQuant rows) if the B operand carries
+# ``q s_b`` of the row's block. These keys take the 4-bit token order (row ``m`` of chunk ``i`` of half ``w`` is token
+# ``64 w + 8 (m % 8) + 2 i + m // 8`` of the tile): lane row r reads word ``r // 2`` of the half's 4 words of each of
+# its channels (lane rows 2u and 2u + 1 the same word, a broadcast) and takes its half ``r % 2``, so a half tile's
+# rows lie in at most two key blocks (KG = 32: lane rows 0-3 in the first, 4-7 in the second). The queries use 4 of
+# the MMA's 8 columns, so column ``n`` carries query ``n % 4`` scaled by the block of lane rows ``4 (n // 4) ..``; each
+# row keeps the four columns of its own block and sets the other four to -inf. Columns n and n + 4 are then two
+# softmax streams of one query over disjoint tokens (lane rows 0-3 and 4-7 of every half tile), merged at the end
+# like two splits (:func:`_bfly2`). The zeros' term ``sum_c q_c z_bc`` is one more MMA per half tile: the blocks'
+# zeros as the A operand (lane row r's rows) against the unscaled queries.
+#
+# With the keys this cheap the value loads' latency showed (Nsight Compute: long-scoreboard stalls 2.2 per issued
+# instruction against 1.0 for the pairs), so this path stages each half tile in shared memory one unit ahead with
+# cp.async: its key words, the two key blocks' scales and zeros, its 64 value rows' words, scales and zeros (6 KB per
+# stage at G = 32; :func:`_hs_issue`), read back in the register layouts (:func:`_hs_layouts`).
+
+
+@gluon.constexpr_function
+def _hs_layouts(kg: int, ng: int) -> tuple:
+    """Shared layouts of one half-tile stage (flat copy views, read views), each with an XOR swizzle that gives the
+    lane bits of its reads distinct banks (targets at word bits 2-4, so 16-byte copies stay contiguous):
+
+    * key words ``[512]`` / ``[4 u, 16 f, 4 a, 2 e]``: word u (tokens ``16 u ..``) of channel ``c = 8 f + 2 a + e``,
+      at ``(u // 2) 256 + 2 c + u % 2`` (KG = 32: two blocks of ``[128 c, 2 j]``) or ``4 c + u`` (KG >= 64);
+    * key scales / zeros ``[2, 64]`` / ``[2 b, 16 f, 4 a]``: int32 channel pairs ``4 f + a`` of lane rows ``4 b ..``;
+    * value words ``[512]`` / ``[8 r, 2 h, 4 a, 2 e]`` per chunk i: word r of row ``16 a + 8 e + h + 2 i`` (``8 row +
+      r`` in the copy) at ``r + 8 h + 16 e + 32 a + 128 i``, so that a chunk is one view (``index``);
+    * value scales / zeros ``[32 ng]`` (int32) / ``[ng g, 2 h, 4 a, 2 e]`` (fp16) per chunk: group g of that row
+      (``ng row + g`` in the copy) at ``g + ng (h + 2 e + 4 a + 16 i)`` (fp16 units; copied as words)."""
+    def lay(nbits, lanes, coords):
+        pairs = _swizzle_pairs(lanes)
+        gs = [_swz(1 << k, pairs) for k in range(nbits)]
+        return [[g] for g in gs], [coords(g) for g in gs]
+
+    if kg == 32:
+        kw = lay(9, [0, 8, 2, 3], lambda o: [(o >> 8) * 2 + (o & 1), (o >> 4) & 15, (o >> 2) & 3, (o >> 1) & 1])
+    else:
+        kw = lay(9, [0, 1, 3, 4], lambda o: [o & 3, (o >> 5) & 15, (o >> 3) & 3, (o >> 2) & 1])
+    km = lay(7, [0, 1, 6], lambda o: [o >> 6, (o >> 2) & 15, o & 3])
+    km = ([[o[0] >> 6, o[0] & 63] for o in km[0]], km[1])
+    pairs = _swizzle_pairs([0, 1, 2, 5, 6])  # value words: lanes r (bits 0-2) and a (5, 6)
+    vws = [_swz(1 << k, pairs) for k in range(9)]
+
+    def vw_copy(p):  # position -> the copy's index 8 row + r
+        r, h, e, a, i = p & 7, (p >> 3) & 1, (p >> 4) & 1, (p >> 5) & 3, p >> 7
+        return 8 * (16 * a + 8 * e + h + 2 * i) + r
+
+    vw = ([[vw_copy(p)] for p in vws], [[p & 7, (p >> 3) & 1, (p >> 5) & 3, (p >> 4) & 1] for p in vws[:7]])
+    lg = ng.bit_length() - 1  # fp16 position g + ng (h + 2 e + 4 a + 16 i): lanes' banks differ without a swizzle
+
+    def vm_copy(p16):  # fp16 position -> the copy's fp16 index ng row + g
+        g, q = p16 & (ng - 1), p16 >> lg
+        h, e, a, i = q & 1, (q >> 1) & 1, (q >> 2) & 3, q >> 4
+        return ng * (16 * a + 8 * e + h + 2 * i) + g
+
+    def vm_read(p16):
+        g, q = p16 & (ng - 1), p16 >> lg
+        return [g, q & 1, (q >> 2) & 3, (q >> 1) & 1]
+
+    vm = ([[vm_copy(2 << k) >> 1] for k in range(5 + lg)], [vm_read(1 << k) for k in range(4 + lg)])
+    return kw, km, vw, vm
+
+
+@gluon.constexpr_function
+def _hs_layout(kg, ng, which, read):
+    """One of :func:`_hs_layouts`' shared layouts (``which``: 0 key words, 1 key meta, 2 value words, 3 value
+    meta)."""
+    flat, rd = _hs_layouts(kg, ng)[which]
+    return gl.SharedLinearLayout(rd if read else flat)
+
+
+HS1: gl.constexpr = gl.constexpr(gl.BlockedLayout([4], [32], [1], [0]))  # flat copies
+HS2: gl.constexpr = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [1, 1], [1, 0]))  # [2, 64] key meta copies
+
+
+@gluon.jit
+def _hs_issue(hk, hks, hkz, hv, hvs, hvz, st, T, vrow, k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows,
+              v_nrows, KG: gl.constexpr, NG: gl.constexpr):
+    """cp.async the half tile at token ``T`` (value row ``vrow``) into stage ``st``: its 512 key words (KG = 128:
+    words ``4 w ..`` of each channel), the scale / zero pairs of the blocks of its tokens ``T``, ``T + 32``, its 64
+    value rows' words and scale / zero words (``32 NG`` each); what lies outside the part reads 0."""
+    o = gl.arange(0, 512, layout=HS1)
+    blk = T // KG
+    if KG == 128:
+        kg_ = blk.to(gl.int64) * 1024 + ((T % 128) // 16) + 8 * (o // 4) + o % 4
+    else:
+        kg_ = (T // 16).to(gl.int64) * 128 + o
+    _CP_ASYNC(hk.index(st), k_data + kg_, mask=(blk + 0 * o) * KG < k_nrows)
+    b = gl.arange(0, 2, layout=gl.SliceLayout(1, HS2))
+    pp = gl.arange(0, 64, layout=gl.SliceLayout(0, HS2))
+    mb = (T + 32 * b) // KG
+    moff = gl.expand_dims(mb.to(gl.int64) * 64, 1) + gl.expand_dims(pp, 0)
+    mmask = gl.expand_dims(mb * KG < k_nrows, 1) & gl.expand_dims(pp < 64, 0)
+    _CP_ASYNC(hks.index(st), k_scale2 + moff, mask=mmask)
+    _CP_ASYNC(hkz.index(st), k_zero2 + moff, mask=mmask)
+    vr = vrow + o // 8
+    _CP_ASYNC(hv.index(st), v_data + (vrow.to(gl.int64) * 8 + o), mask=(vr >= 0) & (vr < v_nrows))
+    ow = gl.arange(0, 32 * NG, layout=HS1)
+    mr = vrow + (2 * ow) // NG
+    mw = (mr >= 0) & (mr < v_nrows)
+    _CP_ASYNC(hvs.index(st), v_scale2 + ((vrow.to(gl.int64) * NG) // 2 + ow), mask=mw)
+    _CP_ASYNC(hvz.index(st), v_zero2 + ((vrow.to(gl.int64) * NG) // 2 + ow), mask=mw)
+
+
+_F4 = [[0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0], [0, 8, 0, 0]]
+# a half tile's key words [4 u, 16 f, 4 a, 2 e] as read: lane 4 r + a holds word u = r // 2 (lane bit 2 broadcast)
+KWC: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 1]] + _F4, lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[4, 16, 4, 2]))
+# ... broadcast to the lane rows [2 r2, 2 r1, 2 r0, 16 f, 4 a, 2 e] (then K4)
+KW6: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0], [0, 0, 0, 2, 0, 0], [0, 0, 0, 4, 0, 0], [0, 0, 0, 8, 0, 0]],
+    lane_bases=[[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 2, 0], [0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 2, 2, 16, 4, 2]))
+# a half tile's key scales (zeros) [2 b, 16 f, 4 a] as read: lane 4 r + a holds those of lane rows 4 b .. (b = r // 4)
+KMC: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 8, 0]],
+    lane_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 0], [0, 0, 0], [1, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 16, 4]))
+# B operand pieces [2 n2, 2 n1, 2 n0, 16 f, 4 a, 2 e]: column n = 4 n2 + 2 n1 + n0 (lane 4 n + a), channel
+# k = 8 f + 2 a + e (registers e, f), i.e. the B operand [128, 8] permuted; as [8, 16, 4] (without e) also K3
+B6: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0], [0, 0, 0, 2, 0, 0], [0, 0, 0, 4, 0, 0], [0, 0, 0, 8, 0, 0]],
+    lane_bases=[[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 2, 0], [0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 2, 2, 16, 4, 2]))
+B5: gl.constexpr = gl.constexpr(gl.SliceLayout(5, B6))
+
+
+@gluon.jit
+def _craw_words(kw_st):
+    """A half tile's merged key words ``[8 r, 16 f, 4 a]`` (K3) from its view ``kw_st`` (:func:`_hs_layouts`): lane
+    row r's half ``r % 2`` of the half's word ``r // 2`` of each channel pair (prmt of the two channels' words)."""
+    x = gl.reshape(kw_st.load(KWC), [2, 2, 16, 4, 2])
+    x = gl.expand_dims(gl.convert_layout(x, gl.SliceLayout(2, KW6), assert_trivial=True), 2)
+    x = x + gl.full([2, 2, 2, 16, 4, 2], 0, gl.int32, layout=KW6)
+    wd = gl.convert_layout(gl.reshape(x, [8, 16, 4, 2]), K4, assert_trivial=True)
+    r, f, a, e = _idx4(K4, 8, 16, 4, 2)
+    return _merge_sel(wd, gl.where(r % 2 == 0, 0x5410, 0x7632), K3)
+
+
+@gluon.jit
+def _craw_meta(st):
+    """A half tile's key scales (zeros) for lane rows 0-3 and 4-7 from its view ``st`` (:func:`_hs_layouts`),
+    broadcast to ``[2 n2, 2 n1, 2 n0, 16 f, 4 a]`` (:data:`B5`; lane row / column ``4 n2 + 2 n1 + n0``)."""
+    S4: gl.constexpr = gl.SliceLayout(2, B5)
+    x = gl.expand_dims(gl.convert_layout(st.load(KMC), gl.SliceLayout(1, S4), assert_trivial=True), 1)
+    x = gl.expand_dims(x + gl.full([2, 2, 16, 4], 0, gl.int32, layout=S4), 2)
+    return x + gl.full([2, 2, 2, 16, 4], 0, gl.int32, layout=B5)
+
+
+@gluon.jit
+def _craw_prep(qb, ks_st, kz_st, zs):
+    """A half tile's B operand ``q s_b`` (columns ``n < 4``: the block of lane rows 0-3, ``n >= 4``: of 4-7; rounded
+    once from ``qb``) and zeros' term ``[16, 8]`` (-inf in the columns of the other lane-row half's block)."""
+    x6 = gl.expand_dims(_craw_meta(ks_st), 5) + gl.full([2, 2, 2, 16, 4, 2], 0, gl.int32, layout=B6)
+    y = gl.inline_asm_elementwise(HALVES, "=r,r,r", [x6], dtype=gl.float16, is_pure=True, pack=2)
+    kq = qb * gl.convert_layout(gl.reshape(gl.permute(y, (3, 4, 5, 0, 1, 2)), [128, 8]), B_L, assert_trivial=True)
+    zr = gl.convert_layout(gl.reshape(_craw_meta(kz_st), [8, 16, 4]), K3, assert_trivial=True)
+    x = gl.expand_dims(gl.expand_dims(gl.convert_layout(zr, gl.SliceLayout(3, K4), assert_trivial=True), 3), 0)
+    z5 = gl.inline_asm_elementwise(HALVES, "=r,r,r", [x + gl.full([2, 8, 16, 4, 2], 0, gl.int32, layout=K5)],
+                                   dtype=gl.float16, is_pure=True, pack=2)
+    zt = mma_v2(gl.convert_layout(gl.reshape(z5, [16, 128]), A_L, assert_trivial=True), qb, zs)
+    rows = gl.arange(0, 16, layout=ROW_L)
+    cols = gl.arange(0, 8, layout=COL_L)
+    ok = gl.expand_dims((rows % 8) // 4, 1) == gl.expand_dims(cols // 4, 0)
+    return kq, gl.where(ok, zt, float("-inf"))
+
+
+@gluon.jit
+def _craw_scores(lo, kq, kzt, zs, i: gl.constexpr):
+    """Scores ``[16, 8]`` of chunk ``i`` of a half tile from its merged 2-bit words ``lo`` (codes ``2 i + h`` of
+    each half: in place for ``j < 5``, after a shift by 10 above; ``code x 2^(pos - 24)``), times ``2^(24 - pos)``,
+    plus the zeros' term (:func:`_craw_prep`)."""
+    NIN: gl.constexpr = 5  # raw_in_place(2)
+    zero5 = gl.full([2, 8, 16, 4, 2], 0, gl.int32, layout=K5)
+    w3 = gl.convert_layout(lo, gl.SliceLayout(3, K4), assert_trivial=True)
+    hh = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, K5)))))
+    jj = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(2 * i + hh, 1), 2), 3), 4) + zero5
+    if 2 * i + 1 < NIN:
+        x = gl.expand_dims(gl.expand_dims(w3, 3), 0) + zero5
+    elif 2 * i >= NIN:
+        x = gl.expand_dims(gl.expand_dims(w3 >> (2 * NIN), 3), 0) + zero5
+    else:
+        x = gl.where(jj < NIN, gl.expand_dims(gl.expand_dims(w3, 3), 0) + zero5,
+                     gl.expand_dims(gl.expand_dims(w3 >> (2 * NIN), 3), 0) + zero5)
+    pos = gl.where(jj < NIN, 2 * jj, 2 * (jj - NIN))
+    mk = 3 << pos
+    y = gl.inline_asm_elementwise(RAW_AND, "=r,r,r,r,r", [x, mk | (mk << 16)], dtype=gl.float16, is_pure=True,
+                                  pack=2)
+    ka = gl.convert_layout(gl.reshape(y, [16, 128]), A_L, assert_trivial=True)
+    rows = gl.arange(0, 16, layout=ROW_L)
+    jr = 2 * i + rows // 8
+    fr = _pow2(24 - gl.where(jr < NIN, 2 * jr, 2 * (jr - NIN)))
+    return mma_v2(ka, kq, zs) * gl.expand_dims(fr, 1) + kzt
+
+
+@gluon.jit
+def _bfly2(x):
+    """Each register's value in lane ``lane ^ 2`` (float32): the accumulator layouts' column ``c ^ 4``."""
+    return gl.inline_asm_elementwise(BFLY2, "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.constexpr_function
@@ -883,6 +1100,15 @@ def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
     return RAW_V and group == 128 and bits in (2, 4) and not bf16 and slots == 0
 
 
+def raw_channel_keys(bits: int, group: int, tok: bool, bf16: bool, m: int, v_bits: int, v_group: int) -> bool:
+    """Whether a pair takes the raw ChannelQuant key path (:func:`_craw_scores`, with half tiles staged in shared
+    memory: :func:`_hs_issue`): 2-bit ChannelQuant keys in blocks of 32, 64 or 128 tokens with 2-bit values in
+    groups of 32 or 64 channels (KIVI 2-bit), fp16, at most 4 query rows per KV head (the MMA's other 4 columns carry
+    the second stream), unless switched off (``KV_GLUON_RAWC=0``)."""
+    return (RAW_C and staged(bits, tok) and group in (32, 64, 128) and not bf16 and m <= 4 and v_bits == 2
+            and v_group in (32, 64))
+
+
 def value_exponent(spec) -> int:
     """The exponent ``E`` by which raw values scale the probabilities (``exp2(score - m + E)``; so ``l``, the zeros'
     term and ``P^T = p 2^E s`` with it, and the lse takes ``E`` off again): ``2^15 <= 2^E max(s) < 2^16`` over the
@@ -1067,8 +1293,6 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
             VG: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
     """fp16 (bf16) value chunk ``V^T [128 channels, 16 tokens]`` (A operand of ``O^T += V^T P^T``) of chunk ``i``.
     ``vptr`` / ``sptr`` / ``zptr``: each element's word / scale / zero pointer at the tile's row 0."""
-    NWV: gl.constexpr = 16 // VPER
-    HALF: gl.constexpr = VPER // 2
     if MASKED:
         row = vrow0 + vrow_off + 2 * i
         rm = (row >= 0) & (row < v_nrows)
@@ -1078,6 +1302,15 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
         sc = gl.load(sptr + 2 * i * (128 // VG))
         zr = gl.load(zptr + 2 * i * (128 // VG))
     w0, w1 = _vwords(vptr, vrow0, v_nrows, vrow_off, i, VPER, MASKED)
+    return _vpairs(w0, w1, sc, zr, BITS, VPER, BF16)
+
+
+@gluon.jit
+def _vpairs(w0, w1, sc, zr, BITS: gl.constexpr, VPER: gl.constexpr, BF16: gl.constexpr):
+    """A value chunk's words (:func:`_vwords`), scales and zeros (:data:`V4`) -> its fp16 (bf16) pairs as the A
+    operand ``V^T [128, 16]``."""
+    NWV: gl.constexpr = 16 // VPER
+    HALF: gl.constexpr = VPER // 2
     zero5 = gl.full([16, 8, 2, 4, 2], 0, gl.int32, layout=V5)
     tt = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, V5)))))
     tt = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(tt, 1), 2), 3), 4) + zero5
@@ -1100,6 +1333,45 @@ def _vchunk(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: g
         z5 = gl.broadcast(gl.expand_dims(zr - sp * (V_FB2 if BITS == 2 else V_FB4), 0), x)[0]
     y = _deq(x, sh, s5, z5, BITS, False, BF16)
     return gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
+
+
+# a half tile's value scales (zeros) per chunk [ng g, 2 h, 4 a, 2 e] (fp16) as read: lane 4 r + a holds group
+# g = 16 r / VG (lane rows of one group broadcast); then broadcast to [2 r2, 2 r1, 2 r0, 2 h, 4 a, 2 e] and V4
+VM4: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 1], [0, 1, 0, 0]],
+    lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[4, 2, 4, 2]))
+VM2: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 1], [0, 1, 0, 0]],
+    lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 2, 4, 2]))
+VM6: gl.constexpr = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0]],
+    lane_bases=[[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 2, 0], [0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 2, 2, 2, 4, 2]))
+
+
+@gluon.jit
+def _hs_vmeta(st, c, NG: gl.constexpr):
+    """A chunk's value scales (zeros) from the stage views ``st`` (chunk ``c``, :func:`_hs_layouts`), fp16 in
+    :data:`V4`."""
+    S5: gl.constexpr = gl.SliceLayout(2, VM6)
+    if NG == 4:
+        x = gl.reshape(st.index(c).load(VM4), [2, 2, 2, 4, 2])
+        x = gl.expand_dims(gl.convert_layout(x, S5, assert_trivial=True), 2)
+    else:
+        x = gl.expand_dims(gl.convert_layout(st.index(c).load(VM2), gl.SliceLayout(1, S5), assert_trivial=True), 1)
+        x = gl.expand_dims(x + gl.full([2, 2, 2, 4, 2], 0.0, gl.float16, layout=S5), 2)
+    x = x + gl.full([2, 2, 2, 2, 4, 2], 0.0, gl.float16, layout=VM6)
+    return gl.convert_layout(gl.reshape(x, [8, 2, 4, 2]), V4, assert_trivial=True)
+
+
+@gluon.jit
+def _vchunk_hs(vw, vs, vz, st, i: gl.constexpr, NG: gl.constexpr):
+    """2-bit fp16 value chunk ``i`` of a half tile staged in shared memory (stage ``st``, :func:`_hs_issue`) as the A
+    operand."""
+    c = 4 * st + i
+    return _vpairs(vw.index(c).load(V4), 0, _hs_vmeta(vs, c, NG), _hs_vmeta(vz, c, NG), 2, 16, False)
 
 
 # ---- sparse outliers (QAQ keeps each row's extremes exact) ----------------------------------------------------------
@@ -1251,13 +1523,16 @@ def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexp
 @gluon.jit
 def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, qs, i: gl.constexpr, T0, trow, k_ell, k_nrows, cbase,
             K_BITS: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
-            K_RAW: gl.constexpr):
+            K_RAW: gl.constexpr, K_CRAW: gl.constexpr):
     """Scores ``S^T [16 tokens, 8 queries]`` (log2 units, unmasked) of chunk ``i`` of the half tile whose chunk 0
     starts at ``T0`` (physical tokens ``T0 + trow + 2 i``). The key chunk comes from ``klo, khi, ksc, kzr``
     (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`; raw keys: words and row factors, ``K_RAW``); with
     key outliers (``K_OUT``) the terms of each
-    row's first two slots (:func:`_k_out`; a third and fourth: :func:`_half`)."""
-    if K_RAW:  # codes x scaled queries, then each row's scale and zero (sk, zk: _rows_sz; qs: the queries' sums)
+    row's first two slots (:func:`_k_out`; a third and fourth: :func:`_half`). Raw ChannelQuant keys (``K_CRAW``):
+    :func:`_craw_scores` with the half's scaled queries in ``ksc`` and zeros' term in ``kzr``."""
+    if K_CRAW:
+        s = _craw_scores(klo, ksc, kzr, zs, i)
+    elif K_RAW:  # codes x scaled queries, then each row's scale and zero (sk, zk: _rows_sz; qs: the queries' sums)
         if K_BITS == 3:
             s = mma_v2(_tok3_kchunk_raw(wk), qb, zs)
         else:
@@ -1273,18 +1548,25 @@ def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, qs, i: gl.constexpr, T0, tro
 
 @gluon.jit
 def _seen(s, i: gl.constexpr, T0, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ,
-          WANT_SCORES: gl.constexpr, MASKED: gl.constexpr):
+          WANT_SCORES: gl.constexpr, MASKED: gl.constexpr, K_CRAW: gl.constexpr):
     """Chunk ``i``'s scores (:func:`_scores`) masked on boundary tiles (tokens outside the head's rows, causal new
-    rows), and stored (natural units) when asked."""
+    rows), and stored (natural units) when asked. Raw ChannelQuant keys: column ``n`` is query ``n % 4``, and a row
+    is stored from the columns of its lane-row half (:func:`_craw_prep`)."""
     tok = T0 + trow + 2 * i
+    if K_CRAW:
+        qq = qcol % 4
+    else:
+        qq = qcol
     if MASKED:
         see = (tok >= kbeg) & (tok < kbeg + cnt)
-        see2 = gl.expand_dims(see, 1) & (gl.expand_dims(tok - new0, 1) <= gl.expand_dims(qcol % LQ, 0))
+        see2 = gl.expand_dims(see, 1) & (gl.expand_dims(tok - new0, 1) <= gl.expand_dims(qq % LQ, 0))
         s = gl.where(see2, s, float("-inf"))
     if WANT_SCORES:
         jc = COLBASE + col + tok - kbeg
-        smask = gl.expand_dims(qcol < M, 0) & gl.expand_dims((tok >= kbeg) & (tok < kbeg + cnt), 1)
-        gl.store(s_ptr + (hd * M + gl.expand_dims(qcol, 0)).to(gl.int64) * NMAX + gl.expand_dims(jc, 1),
+        smask = gl.expand_dims(qq < M, 0) & gl.expand_dims((tok >= kbeg) & (tok < kbeg + cnt), 1)
+        if K_CRAW:
+            smask = smask & (gl.expand_dims((trow // 32) % 2, 1) == gl.expand_dims(qcol // 4, 0))
+        gl.store(s_ptr + (hd * M + gl.expand_dims(qq, 0)).to(gl.int64) * NMAX + gl.expand_dims(jc, 1),
                  s * 0.6931471805599453, mask=smask)
     return s
 
@@ -1331,7 +1613,8 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
           M, NMAX, COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS: gl.constexpr,
           K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr,
           MASKED: gl.constexpr, STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
-          V_OUT: gl.constexpr, K_RAW: gl.constexpr, V_RAW: gl.constexpr):
+          V_OUT: gl.constexpr, K_RAW: gl.constexpr, V_RAW: gl.constexpr, K_CRAW: gl.constexpr, vw_st=0, vs_st=0,
+          vz_st=0, vst=0):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
     ``P V``. ChannelQuant halves keep only half of each lane's key words in registers; with ``STAGED`` the key words
     come from the shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage, otherwise from global
@@ -1340,7 +1623,7 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     shared address ``cbase``, :func:`_vd_write`)."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
-    HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK) else 64  # first token of half w (minus trow + 2 i)
+    HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK and not K_CRAW) else 64  # half w's first token - trow - 2 i
     WOFF: gl.constexpr = 0 if K_BITS == 2 else 64  # first token of the half's key words: T0 + WOFF w + lane run
     if K_TOK:  # TokenQuant keys: each chunk's own words and scales (kc_off / krow_w: words; ks_off / krow_l: scales)
         T8 = T0 + HOFF * w  # the half's chunk i has physical tokens T8 + trow + 2 i
@@ -1387,7 +1670,11 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         wk3 = 0
         sk3 = 0
         zk3 = 0
-        if STAGED:
+        if K_CRAW:  # raw ChannelQuant keys: the half's scaled queries and zeros' term in ksc, kzr (_craw_prep)
+            klo = _craw_words(kw_st)
+            khi = klo
+            ksc, kzr = _craw_prep(qb, ks_st, kz_st, zs)
+        elif STAGED:
             ksc = ks_st.load(K3)
             kzr = kz_st.load(K3)
             wd = kw_st.load(K4)
@@ -1402,8 +1689,9 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
                 ksc = gl.load(k_scale2 + kbo + ks_off)
                 kzr = gl.load(k_zero2 + kbo + ks_off)
             wd = _key_words(k_data + kc_off, T0 + WOFF * w + krow_w, k_nrows, K_GROUP, KPER, MASKED)
-        klo, khi = _merge_key(wd, w, KPER)
-        ksc, kzr = _prep_key(ksc, kzr, K_BITS, BF16)
+        if not K_CRAW:
+            klo, khi = _merge_key(wd, w, KPER)
+            ksc, kzr = _prep_key(ksc, kzr, K_BITS, BF16)
         T8 = T0 + HOFF * w
     vrow0 = T8 - kbeg + vbeg
     vptr = v_data + (vrow0 * ((128 + VPER - 1) // VPER) + vw_off)
@@ -1420,13 +1708,13 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     else:
         vmore = False
     s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, qs, 0, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
     s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, qs, 1, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
     s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, qs, 2, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
     s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, qs, 3, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
     if K_OUT == 4:
         if kmore:  # a third and fourth key outlier in some row of the half tile (QAQ's ties: ~14% of half tiles)
             k1 = _plane1(k_ell, k_nrows)
@@ -1434,10 +1722,14 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
             s1 = _k_out(s1, k1, T8 + trow + 2, k_nrows, cbase + 8192, MASKED, BF16)
             s2 = _k_out(s2, k1, T8 + trow + 4, k_nrows, cbase + 8192, MASKED, BF16)
             s3 = _k_out(s3, k1, T8 + trow + 6, k_nrows, cbase + 8192, MASKED, BF16)
-    s0 = _seen(s0, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
-    s1 = _seen(s1, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
-    s2 = _seen(s2, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
-    s3 = _seen(s3, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED)
+    s0 = _seen(s0, 0, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED,
+               K_CRAW)
+    s1 = _seen(s1, 1, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED,
+               K_CRAW)
+    s2 = _seen(s2, 2, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED,
+               K_CRAW)
+    s3 = _seen(s3, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED,
+               K_CRAW)
     mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
     m_new = gl.maximum(m_i, gl.max(mx, 0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -1470,6 +1762,11 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         zc += p2 * _zrow(v_zero, vrow0 + trow + 4, v_nrows, MASKED)
         zc += p3 * _zrow(v_zero, vrow0 + trow + 6, v_nrows, MASKED)
         acc = acc * gl.expand_dims(alpha, 0) + gl.expand_dims(gl.sum(zc, 0), 0)
+    elif K_CRAW:  # values staged with the keys (_hs_issue)
+        acc = mma_v2(_vchunk_hs(vw_st, vs_st, vz_st, vst, 0, 128 // V_GROUP), _pt(p0, BF16), acc)
+        acc = mma_v2(_vchunk_hs(vw_st, vs_st, vz_st, vst, 1, 128 // V_GROUP), _pt(p1, BF16), acc)
+        acc = mma_v2(_vchunk_hs(vw_st, vs_st, vz_st, vst, 2, 128 // V_GROUP), _pt(p2, BF16), acc)
+        acc = mma_v2(_vchunk_hs(vw_st, vs_st, vz_st, vst, 3, 128 // V_GROUP), _pt(p3, BF16), acc)
     else:
         acc = _pv(acc, _pt(p0, BF16), vptr, sptr, zptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, V_GROUP, MASKED,
                   BF16)
@@ -1506,7 +1803,7 @@ def _step(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, T_next, abeg, k
           v_ell, cbase, cbuf, K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr,
           V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, BF16: gl.constexpr,
           K_TOK: gl.constexpr, K_OUT: gl.constexpr, V_OUT: gl.constexpr, K_RAW: gl.constexpr,
-          V_RAW: gl.constexpr):
+          V_RAW: gl.constexpr, K_CRAW: gl.constexpr):
     """Half tile ``ht`` of the head (tile ``ht // 2``, half ``ht % 2``). Staged keys: at the tile's first half the
     next tile (at token ``T_next``, when ``issue_next``) is copied into the other stage, and this tile's stage ``st``
     is waited for."""
@@ -1529,20 +1826,57 @@ def _step(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, T_next, abeg, k
         ks_st = 0
         kz_st = 0
     if inner:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
-                              k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
-                              vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
-                              WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0,
+                              k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
+                              krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
+                              LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                              WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW, K_CRAW)
     else:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
-                              k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
-                              vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kw_st, ks_st,
-                              kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
-                              WANT_SCORES, True, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0,
+                              k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
+                              krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
+                              LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
+                              WANT_SCORES, True, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW, K_CRAW)
     if STAGE_K:
         if w == 1:
             _BARRIER()  # every lane has read this stage before it is refilled
+    return acc, m_i, l_i, za
+
+
+@gluon.jit
+def _hstep(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, n_next, abeg, kbeg, vbeg, cnt, new0, k_data,
+           k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
+           LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs, rvz, K_BITS: gl.constexpr, K_GROUP: gl.constexpr,
+           V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, BF16: gl.constexpr,
+           V_RAW: gl.constexpr):
+    """Half tile ``ht`` of the head for raw ChannelQuant keys: the next unit (half tile ``n_next``, when
+    ``issue_next``) is copied into the other stage, this one's stage ``st`` is waited for and computed (:func:`_half`
+    with the stage's views). ``v_scale`` / ``v_zero``: int32 pointers (the copies move words)."""
+    st = st.to(gl.int32)
+    if issue_next:
+        Tn = abeg + n_next * 64
+        _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
+                  v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
+    async_copy.commit_group()
+    async_copy.wait_group(1)  # this unit's copies have landed
+    _BARRIER()
+    T0 = abeg + (ht // 2) * 128
+    w = ht % 2
+    T8 = T0 + 64 * w
+    inner = (T8 >= kbeg) & (T8 + 64 <= kbeg + cnt) & (T8 + 64 <= new0)
+    if inner:
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+                                  k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0, 0, trow, qcol,
+                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, rk.index(st), rks.index(st), rkz.index(st),
+                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, True, BF16, False,
+                                  0, 0, False, V_RAW, True, rv, rvs, rvz, st)
+    else:
+        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+                                  k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0, 0, trow, qcol,
+                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, rk.index(st), rks.index(st), rkz.index(st),
+                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, True, BF16, False,
+                                  0, 0, False, V_RAW, True, rv, rvs, rvz, st)
+    _BARRIER()  # every lane has read this stage before it is refilled
     return acc, m_i, l_i, za
 
 
@@ -1574,12 +1908,12 @@ def _kivi_attn_kernel(
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
-    K_RAW: gl.constexpr = False, V_RAW: gl.constexpr = False,
+    K_RAW: gl.constexpr = False, V_RAW: gl.constexpr = False, K_CRAW: gl.constexpr = False,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
     # a lane's key run per half tile: 2 bits: one word of 16 tokens (each half uses half of it); 4 bits: one word of 8
-    RUN: gl.constexpr = 16 if (K_BITS == 2 and not K_TOK) else 8  # TokenQuant keys: the 4-bit token order
+    RUN: gl.constexpr = 16 if (K_BITS == 2 and not K_TOK and not K_CRAW) else 8  # else the 4-bit token order
     gl.static_assert(K_GROUP % 16 == 0)
     hd = gl.program_id(0)
     sp = gl.program_id(1)
@@ -1607,6 +1941,9 @@ def _kivi_attn_kernel(
     # Q^T: B operand [128 channels, 8 queries], pre-scaled by sm_scale * log2(e)
     qk = gl.arange(0, 128, layout=gl.SliceLayout(1, B_L))
     qn = gl.arange(0, 8, layout=gl.SliceLayout(0, B_L))
+    if K_CRAW:  # raw ChannelQuant keys: columns n and n + 4 both carry query n (two streams, _craw_scores)
+        gl.static_assert(STAGE_K and not BF16 and K_BITS == 2 and K_GROUP >= 32)
+        qn = qn % 4
     qmask = gl.expand_dims(qk < 128, 1) & gl.expand_dims(qn < M, 0)
     if K_TOK:  # the keys' channel order (tok_key_channel)
         qc = _tok_channel(qk, K_BITS)
@@ -1692,7 +2029,32 @@ def _kivi_attn_kernel(
         za = gl.zeros([16, 8], gl.float32, layout=MMA)  # raw values: sum_t p[t, m] z_t per score row's lanes
     else:
         za = 0
-    if STAGE_K:
+    if K_CRAW:
+        # two stages of a half tile's keys and values (_hs_issue, _hs_layouts): unit u + 1 is copied while unit u is
+        # computed
+        NG: gl.constexpr = 128 // V_GROUP
+        gl.static_assert(V_BITS == 2 and (NG == 2 or NG == 4) and not V_RAW)
+        hk = gl.allocate_shared_memory(gl.int32, [2, 512], _hs_layout(K_GROUP, NG, 0, False))
+        hks = gl.allocate_shared_memory(gl.int32, [2, 2, 64], _hs_layout(K_GROUP, NG, 1, False))
+        hkz = gl.allocate_shared_memory(gl.int32, [2, 2, 64], _hs_layout(K_GROUP, NG, 1, False))
+        hv = gl.allocate_shared_memory(gl.int32, [2, 512], _hs_layout(K_GROUP, NG, 2, False))
+        hvs = gl.allocate_shared_memory(gl.int32, [2, 32 * NG], _hs_layout(K_GROUP, NG, 3, False))
+        hvz = gl.allocate_shared_memory(gl.int32, [2, 32 * NG], _hs_layout(K_GROUP, NG, 3, False))
+        rk = _view(hk, [2, 4, 16, 4, 2], _hs_layout(K_GROUP, NG, 0, True))
+        rks = _view(hks, [2, 2, 16, 4], _hs_layout(K_GROUP, NG, 1, True))
+        rkz = _view(hkz, [2, 2, 16, 4], _hs_layout(K_GROUP, NG, 1, True))
+        rv = _view(hv, [8, 8, 2, 4, 2], _hs_layout(K_GROUP, NG, 2, True))
+        rvs = _REINTERPRET(hvs, gl.float16, [8, NG, 2, 4, 2], _hs_layout(K_GROUP, NG, 3, True))
+        rvz = _REINTERPRET(hvz, gl.float16, [8, NG, 2, 4, 2], _hs_layout(K_GROUP, NG, 3, True))
+        v_scale2 = v_scale.to(gl.pointer_type(gl.int32), bitcast=True)
+        v_zero2 = v_zero.to(gl.pointer_type(gl.int32), bitcast=True)
+        kflat = 0
+        sflat = 0
+        zflat = 0
+        kread = 0
+        sread = 0
+        zread = 0
+    elif STAGE_K:
         # two stages of each tile's key words and key scales / zeros: tile t + 1 is copied while tile t is computed
         gl.static_assert(K_BITS == 2)
         gl.static_assert(128 % K_GROUP == 0)  # a tile is whole key blocks, contiguous in memory
@@ -1709,7 +2071,38 @@ def _kivi_attn_kernel(
         kread = 0
         sread = 0
         zread = 0
-    if DYNAMIC:
+    if K_CRAW:  # units of one half tile, staged one unit ahead (_hstep)
+        if DYNAMIC:
+            last = (2 * ntiles - 1).to(gl.int32)
+            nxt = NSPLIT + sp
+            ht = sp
+            if ht < 2 * ntiles:
+                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 64 * ht, abeg + 64 * ht - kbeg + vbeg, k_data, k_scale2,
+                          k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
+            async_copy.commit_group()
+            uc = sp * 0  # units done (the stage parity)
+            while ht < 2 * ntiles:
+                draw = _grab(ctr_ptr + hd, last)
+                acc, m_i, l_i, za = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, uc % 2, nxt < 2 * ntiles, nxt, abeg,
+                                           kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2,
+                                           k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, hk, hks,
+                                           hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs, rvz, K_BITS, K_GROUP, V_BITS,
+                                           V_GROUP, WANT_SCORES, BF16, V_RAW)
+                ht = nxt
+                nxt = 2 * NSPLIT + _ticket(draw)
+                uc += 1
+        else:
+            if t_lo < t_hi:
+                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 128 * t_lo, abeg + 128 * t_lo - kbeg + vbeg, k_data,
+                          k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
+            async_copy.commit_group()
+            for ht in range(2 * t_lo, 2 * t_hi):
+                acc, m_i, l_i, za = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, (ht - 2 * t_lo) % 2,
+                                           ht + 1 < 2 * t_hi, ht + 1, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2,
+                                           k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, trow, qcol, s_ptr, hd,
+                                           M, NMAX, COLBASE, col, LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs,
+                                           rvz, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, BF16, V_RAW)
+    elif DYNAMIC:
         # units of one half tile, or of a whole tile when keys are staged (a stage holds one tile): each program
         # starts with units sp and NSPLIT + sp, then takes the next free one from the head's counter, drawn one unit
         # ahead (the atomic's latency hides behind a unit of work). Programs that their SM's schedulers serve more
@@ -1730,13 +2123,14 @@ def _kivi_attn_kernel(
                 w = ht % 2
                 if w == 0:
                     draw = _grab(ctr_ptr + hd, last)
-                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, tc % 2, nxt < ntiles,
+                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, ht,
+                                      tc % 2, nxt < ntiles,
                                       abeg + nxt * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                       v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w,
                                       vw_off, vs_off, vrow_off,
                                       trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread,
                                       sread, zread, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
-                                      WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
+                                      WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW, K_CRAW)
                 if w == 1:
                     ht = 2 * nxt
                     nxt = 2 * NSPLIT + _ticket(draw)
@@ -1747,12 +2141,13 @@ def _kivi_attn_kernel(
             cur = sp
             while cur < 2 * ntiles:
                 draw = _grab(ctr_ptr + hd, last)
-                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, cur, 0, False, 0, abeg, kbeg, vbeg, cnt,
+                acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, cur, 0,
+                                      False, 0, abeg, kbeg, vbeg, cnt,
                                       new0, k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows,
                                       kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd,
                                       M, NMAX, COLBASE, col, LQ, kflat, sflat, zflat, kread, sread, zread, k_ell,
                                       v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K,
-                                      BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW)
+                                      BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW, K_CRAW)
                 cur = nxt
                 nxt = 2 * NSPLIT + _ticket(draw)
     else:
@@ -1761,15 +2156,28 @@ def _kivi_attn_kernel(
                 _issue_keys(kflat, sflat, zflat, 0, abeg + t_lo * 128, k_data, k_scale2, k_zero2, k_nrows, K_GROUP)
             async_copy.commit_group()
         for ht in range(2 * t_lo, 2 * t_hi):  # half tiles
-            acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, (ht // 2 - t_lo) % 2, ht // 2 + 1 < t_hi,
+            acc, m_i, l_i, za = _step(acc, m_i, l_i, za, qb, zs, qs, v_e, ht,
+                                  (ht // 2 - t_lo) % 2, ht // 2 + 1 < t_hi,
                                   abeg + (ht // 2 + 1) * 128, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2,
                                   v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off,
                                   vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kflat, sflat,
                                   zflat, kread, sread, zread, k_ell, v_ell, cbase, cbuf, K_BITS,
                                   K_GROUP, V_BITS, V_GROUP, WANT_SCORES, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW,
-                                  V_RAW)
+                                  V_RAW, K_CRAW)
+    if K_CRAW:  # the two streams of each query (columns n and n + 4, disjoint tokens) merged like two splits
+        if V_RAW:
+            acc = acc * gl.expand_dims(_raw_vfac(gl.arange(0, 128, layout=ROW_L), V_BITS), 1) + gl.expand_dims(
+                gl.sum(za, 0), 0)
+        m_p = _bfly2(m_i)
+        m_c = gl.maximum(m_i, m_p)
+        m_s = gl.where(m_c == float("-inf"), 0.0, m_c)
+        a_i = gl.exp2(m_i - m_s)
+        a_p = gl.exp2(m_p - m_s)
+        l_i = l_i * a_i + _bfly2(l_i) * a_p
+        acc = acc * gl.expand_dims(a_i, 0) + _bfly2(acc) * gl.expand_dims(a_p, 0)
+        m_i = m_c
     has = l_i > 0
-    if V_RAW:
+    if V_RAW and not K_CRAW:
         acc = acc * gl.expand_dims(_raw_vfac(gl.arange(0, 128, layout=ROW_L), V_BITS), 1) + gl.expand_dims(
             gl.sum(za, 0), 0)
     out = acc / gl.expand_dims(gl.where(has, l_i, 1.0), 0)
@@ -1925,8 +2333,8 @@ def disable(exc: Exception) -> None:
 _RESIDENT: dict = {}
 
 
-def _consts(plan, want_scores: bool) -> dict:
-    """Compile-time and launch options of ``plan``'s kernel."""
+def _consts(plan, want_scores: bool, m: int) -> dict:
+    """Compile-time and launch options of ``plan``'s kernel for ``m`` query rows per KV head."""
     tok = key_tokenquant(plan.k)
     return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits, tok),
@@ -1936,6 +2344,8 @@ def _consts(plan, want_scores: bool) -> dict:
                 K_RAW=raw_keys(plan.k.bits, plan.k.group, tok, plan.k.scale.dtype == torch.bfloat16),
                 V_RAW=raw_values(plan.v.bits, plan.v.group, plan.v.scale.dtype == torch.bfloat16,
                                  _slots_of(plan.v, True)),
+                K_CRAW=raw_channel_keys(plan.k.bits, plan.k.group, tok, plan.k.scale.dtype == torch.bfloat16, m,
+                                        plan.v.bits, plan.v.group),
                 num_warps=1, maxnreg=MAXNREG)
 
 
@@ -1962,7 +2372,8 @@ def dynamic_enabled() -> bool:
 
 def unit_halves(kspec) -> int:
     """Half tiles per unit of the dynamic schedule for keys ``kspec``: a whole tile when they are staged (a stage
-    holds one tile)."""
+    holds one tile; raw ChannelQuant keys stage half tiles, but their kernel depends on the query rows, so the plan's
+    split count assumes whole tiles)."""
     return 2 if staged(kspec.bits, key_tokenquant(kspec)) else 1
 
 
@@ -1977,12 +2388,19 @@ def counters(n_heads: int, device: torch.device) -> torch.Tensor:
 def resident_programs(plan) -> int:
     """One-warp programs of this pair's kernel that fit on an SM at once, from the compiled kernel's registers (each
     of the SM's 4 schedulers has 16K registers; a warp takes its per-thread count rounded up to 8, times 32) and
-    shared memory (the SM's, less 1 KB reserved per program); compiled once per configuration."""
+    shared memory (the SM's, less 1 KB reserved per program); compiled once per configuration. A plan whose kernel
+    differs with the number of query rows (:func:`raw_channel_keys`) counts both kernels and takes the fewer."""
     if PROGRAMS_PER_SM:
         return PROGRAMS_PER_SM
-    key = tuple(_consts(plan, False).items())  # the kernel that launches
+    return min(_resident(plan, m) for m in {_consts(plan, False, m)["K_CRAW"]: m for m in (4, 8)}.values())
+
+
+def _resident(plan, m: int) -> int:
+    """:func:`resident_programs` of the kernel that launches for ``m`` query rows."""
+    consts = _consts(plan, False, m)
+    key = tuple(consts.items())
     if key not in _RESIDENT:
-        kern = _kivi_attn_kernel.warmup(*_warmup_args(plan), grid=(1,), **_consts(plan, False))
+        kern = _kivi_attn_kernel.warmup(*_warmup_args(plan), grid=(1,), **consts)
         _check_smem(kern, _slots_of(plan.k, False) + _slots_of(plan.v, True) > 0)
         kern._init_handles()
         regs = max(int(kern.n_regs), 1)
@@ -2021,7 +2439,7 @@ def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, sc
 def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> None:
     """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel)."""
     H = q.shape[0]
-    consts = _consts(plan, scores is not None)
+    consts = _consts(plan, scores is not None, q.shape[1])
     args = _launch_args(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq)
     if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
         key = tuple(consts.items())
@@ -2059,7 +2477,7 @@ OUT_SMEM = 512 * 8 * 4  # the outlier buffers' bytes (_kivi_attn_kernel's obuf)
 
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
                     want_scores: bool = False, dynamic: bool = True, bf16: bool = False, k_tok: bool = False,
-                    k_out: int = 0, v_out: int = 0):
+                    k_out: int = 0, v_out: int = 0, m: int = 4):
     """Build the kernel for an NVIDIA target without a GPU, with the runtime's options (how CI checks that it still
     compiles: the layout conversions are asserted trivial at build time). Returns the compiled kernel
     (``.asm["ptx"]``, ``["cubin"]``)."""
@@ -2078,7 +2496,8 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,
                  K_OUT=k_out, V_OUT=v_out, K_RAW=raw_keys(k_bits, k_group, k_tok, bf16),
-                 V_RAW=raw_values(v_bits, v_group, bf16, v_out))
+                 V_RAW=raw_values(v_bits, v_group, bf16, v_out),
+                 K_CRAW=raw_channel_keys(k_bits, k_group, k_tok, bf16, m, v_bits, v_group))
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names

@@ -450,7 +450,10 @@ def test_launch_config_by_pair_kind():
     ("T", 2, 1, 128, 16, 8, 4, True, False, 0, 1e-4, BF16), ("T", 3, 0, 128, 128, 4, 1, False, False, 0, 1, BF16),
     # raw codes (one scale per row, fp16): 2/3-bit keys, 2/4-bit values; ragged heads, scores, causal new rows
     ("T", 2, 2, 128, 128, 4, 2, False, True, 3, 1e-4, F16), ("T", 3, 4, 128, 128, 8, 1, False, True, 5, 1, F16),
-    ("T", 2, 4, 128, 128, 8, 4, True, True, 5, 4e-4, F16), ("C", 2, 2, 32, 128, 4, 1, False, True, 3, 1, F16)])
+    ("T", 2, 4, 128, 128, 8, 4, True, True, 5, 4e-4, F16), ("C", 2, 2, 32, 128, 4, 1, False, True, 3, 1, F16),
+    # raw ChannelQuant keys (2 bits, at most 4 query rows): blocks of 128 and 64 tokens, 3 rows, causal pairs of rows
+    ("C", 2, 2, 128, 32, 3, 1, False, True, 0, 1, F16), ("C", 2, 2, 64, 64, 4, 2, True, True, 3, 1, F16),
+    ("C", 2, 2, 32, 32, 2, 2, False, False, 1, 1e-4, F16)])
 def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch,
                                     gluon_strict):
     """The Gluon kernel for packed 2/4-bit pairs (taken and not switched off: checked) against float64: ragged heads
@@ -700,7 +703,7 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     plan = PairPlan(PartSpec(k_part), PartSpec(v_part), offs[:H], offs[:H], list(counts), nsplit=5, device=DEV)
     q = _randn(H, M, d, g=g, dtype=F16, scale=spread / amp)  # K rows of about amp: scores of about spread
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
-    consts = ga._consts(plan, False)
+    consts = ga._consts(plan, False, 4)
     assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"] == (vbits != 3)
     assert ga.value_exponent(plan.v) == (15 - math.frexp(float(v_part.scale.float().max()))[1] if vbits != 3 else 0)
     taken = []
@@ -710,7 +713,44 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     assert taken, "the Gluon kernel was not used"
     monkeypatch.setattr(ga, "RAW_K", False)
     monkeypatch.setattr(ga, "RAW_V", False)
-    assert not ga._consts(plan, False)["K_RAW"]
+    assert not ga._consts(plan, False, 4)["K_RAW"]
+    pairs = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
+    print(f"raw {raw:.2e} pairs {pairs:.2e}")
+    assert raw < TOL[F16] and raw <= 1.25 * pairs + 1e-5
+
+
+@gpu_only
+@pytest.mark.parametrize("kg,vg,amp,spread", [(32, 32, 1, 1), (64, 64, 1, 3), (128, 32, 1e-3, 3), (32, 64, 1e-2, 5)])
+def test_gluon_raw_channel_keys_are_as_precise(kg, vg, amp, spread, monkeypatch, gluon_strict):
+    """KIVI 2-bit (2-bit ChannelQuant keys, 2-bit values in groups of 32 or 64) with at most 4 query rows takes the
+    raw key path (codes as the MMA operand, each key block's scales on the queries, two softmax streams per query,
+    half tiles staged in shared memory: :func:`kernels.gluon_attention._craw_scores`) and is at least as close to
+    float64 as the pair dequantization, with long heads, peaked attention and small scales; 8 query rows keep the
+    pairs."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    g = _gen(kg + vg)
+    H, d, M = 4, 128, 4
+    counts = (4096, 3072, 2048, 1152)
+    k_part = _make("C", counts, d, 2, kg, F16, g, 0)
+    v_part = _make("T", counts, d, 2, vg, F16, g, 0)
+    for part in (k_part, v_part):
+        part.scale.mul_(amp)
+        part.zero.mul_(amp)
+    offs = dispatch._offsets(counts)
+    plan = PairPlan(PartSpec(k_part), PartSpec(v_part), offs[:H], offs[:H], list(counts), nsplit=5, device=DEV)
+    q = _randn(H, M, d, g=g, dtype=F16, scale=spread / amp)
+    o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
+    assert ga._consts(plan, False, 4)["K_CRAW"] and not ga._consts(plan, False, 8)["K_CRAW"]
+    taken = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
+    raw = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
+    assert taken, "the Gluon kernel was not used"
+    monkeypatch.setattr(ga, "RAW_C", False)
+    assert not ga._consts(plan, False, 4)["K_CRAW"]
     pairs = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
     print(f"raw {raw:.2e} pairs {pairs:.2e}")
     assert raw < TOL[F16] and raw <= 1.25 * pairs + 1e-5
@@ -971,9 +1011,12 @@ for side, b in ((0, kb), (1, vb)):
         need += (f"mov.b32 \t%r", f", {((1 << b) - 1) * 65537};")  # the mask of position 0, both halves
 if raw[0]:
     need += ("0f4A800000",)  # a raw key score row's factor 2^22 over its scale
+craw = ga.raw_channel_keys(kb, kg, tok, bf16, 4, vb, vg)
+if craw:  # raw ChannelQuant keys: masks, two streams merged by shuffles, value scales copied as words
+    need += (", 196611;", "shfl.sync.bfly.b32", "cp.async.ca.shared.global")
 if not (raw[0] and raw[1]):  # pair dequantization: rotation, magic, fma
     need += ("lop3.b32", f"fma.rn.{t}x2", "shf.l.wrap.b32")
-if not tok:
+if not tok and not craw:
     need += (f"mul.rn.{t}x2",)  # ChannelQuant key scale pairs prepared in the kernel
 if sys.argv[1] == "2" and not tok:
     need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
@@ -1333,6 +1376,69 @@ def test_gluon_key_staging_layouts(kg):
     mwhere = {_apply_bases(mread, o): o for o in range(512)}
     for f in range(16):
         assert len({mwhere[(r, f, a)] % 32 for r in range(8) for a in range(4)}) == 32
+
+
+@pytest.mark.parametrize("kg,ng", [(32, 4), (64, 2), (128, 4)])
+def test_gluon_half_stage_layouts(kg, ng):
+    """The shared-memory views of a half tile staged for raw ChannelQuant keys (``_hs_layouts``) agree with the
+    copies: each read coordinate is the element the copy wrote there (key words of lane rows ``2 u``, ``2 u + 1``,
+    the scale pairs of lane rows ``4 b ..``, each chunk's value words and fp16 scales); 16-byte copies stay
+    contiguous, and every read instruction's distinct elements lie in distinct banks."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    (kf, kr), (mf, mr), (vf, vr), (sf, sr) = ga._hs_layouts(kg, ng)
+
+    def check(flat, read, n, want, lanes, width=1):
+        where = {}
+        for o in range(n):
+            (g,) = _apply_bases(flat, o) if width == 1 else (_apply_bases(flat, o)[0],)
+            c = _apply_bases(read, o)
+            assert g == want(c), (o, g, c)
+            where[c] = o
+            if o % 4 and width == 1:
+                assert g == _apply_bases(flat, o - 1)[0] + 1
+        for group in lanes(where):
+            words = {where[c] for c in group}
+            assert len({w % 32 for w in words}) == len(words)
+
+    def kword(c):
+        u, f, a, e = c
+        ch = 8 * f + 2 * a + e
+        return (u // 2) * 256 + 2 * ch + u % 2 if kg == 32 else 4 * ch + u
+
+    check(kf, kr, 512, kword, lambda w: [[(r // 2, f, a, e) for r in range(8) for a in range(4)]
+                                         for f in range(16) for e in range(2)])
+    meta = {}
+    for o in range(128):
+        b, p = _apply_bases(mf, o)
+        assert _apply_bases(mr, o) == (b, p // 4, p % 4)
+        meta[(b, p // 4, p % 4)] = o
+    for f in range(16):
+        assert len({meta[(r // 4, f, a)] % 32 for r in range(8) for a in range(4)}) == 8
+    vwhere = {}
+    for o in range(512):
+        r, h, a, e = _apply_bases(vr, o % 128)
+        assert _apply_bases(vf, o)[0] == 8 * (16 * a + 8 * e + h + 2 * (o // 128)) + r
+        if o % 4:
+            assert _apply_bases(vf, o)[0] == _apply_bases(vf, o - 1)[0] + 1
+        vwhere[(o // 128, r, h, a, e)] = o
+    for i in range(4):
+        for h in range(2):
+            for e in range(2):
+                assert len({vwhere[(i, r, h, a, e)] % 32 for r in range(8) for a in range(4)}) == 32
+    swhere = {}
+    per = 16 * ng  # fp16 per chunk
+    for p16 in range(64 * ng):
+        word = _apply_bases(sf, p16 >> 1)[0]
+        g, h, a, e = _apply_bases(sr, p16 % per)
+        assert 2 * word + (p16 & 1) == ng * (16 * a + 8 * e + h + 2 * (p16 // per)) + g
+        swhere[(p16 // per, g, h, a, e)] = p16 >> 1
+    for i in range(4):
+        for h in range(2):
+            for e in range(2):
+                words = {swhere[(i, (16 * r) // (128 // ng), h, a, e)] for r in range(8) for a in range(4)}
+                assert len({w % 32 for w in words}) == len(words)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
