@@ -531,8 +531,9 @@ def _kchunk(lo, hi, sc, zr, i: gl.constexpr, BITS: gl.constexpr, KPER: gl.conste
 
 @gluon.constexpr_function
 def _hs_layouts(kg: int, ng: int) -> tuple:
-    """Shared layouts of one half-tile stage (flat copy views, read views), each with an XOR swizzle that gives the
-    lane bits of its reads distinct banks (targets at word bits 2-4, so 16-byte copies stay contiguous):
+    """Shared layouts of one half-tile stage (flat copy views, read views); where a read's lane bits would share
+    banks an XOR swizzle moves them onto free bank bits (targets at word bits 2-4, so 16-byte copies stay
+    contiguous):
 
     * key words ``[512]`` / ``[4 u, 16 f, 4 a, 2 e]``: word u (tokens ``16 u ..``) of channel ``c = 8 f + 2 a + e``,
       at ``(u // 2) 256 + 2 c + u % 2`` (KG = 32: two blocks of ``[128 c, 2 j]``) or ``4 c + u`` (KG >= 64);
