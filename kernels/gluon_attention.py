@@ -2030,6 +2030,12 @@ def _kivi_attn_kernel(
         za = gl.zeros([16, 8], gl.float32, layout=MMA)  # raw values: sum_t p[t, m] z_t per score row's lanes
     else:
         za = 0
+    kflat = 0  # the tile-staged keys' buffers and views (STAGE_K without K_CRAW)
+    sflat = 0
+    zflat = 0
+    kread = 0
+    sread = 0
+    zread = 0
     if K_CRAW:
         # two stages of a half tile's keys and values (_hs_issue, _hs_layouts): unit u + 1 is copied while unit u is
         # computed
@@ -2049,12 +2055,6 @@ def _kivi_attn_kernel(
         rvz = _REINTERPRET(hvz, gl.float16, [8, NG, 2, 4, 2], _hs_layout(K_GROUP, NG, 3, True))
         v_scale2 = v_scale.to(gl.pointer_type(gl.int32), bitcast=True)
         v_zero2 = v_zero.to(gl.pointer_type(gl.int32), bitcast=True)
-        kflat = 0
-        sflat = 0
-        zflat = 0
-        kread = 0
-        sread = 0
-        zread = 0
     elif STAGE_K:
         # two stages of each tile's key words and key scales / zeros: tile t + 1 is copied while tile t is computed
         gl.static_assert(K_BITS == 2)
@@ -2065,13 +2065,6 @@ def _kivi_attn_kernel(
         zflat = gl.allocate_shared_memory(gl.int32, [2, 8, 64], _kmeta_layout(False))
         sread = _view(sflat, [2, 8, 16, 4], _kmeta_layout(True))
         zread = _view(zflat, [2, 8, 16, 4], _kmeta_layout(True))
-    else:
-        kflat = 0
-        sflat = 0
-        zflat = 0
-        kread = 0
-        sread = 0
-        zread = 0
     if K_CRAW:  # units of one half tile, staged one unit ahead (_hstep)
         if DYNAMIC:
             last = (2 * ntiles - 1).to(gl.int32)

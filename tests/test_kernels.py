@@ -688,7 +688,7 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     (:func:`value_exponent`) most ``p s`` entries of ``P^T`` were then fp16 subnormals, and the error grew to 3e-2
     (an emulation of the kernel's rounding in review) against 3e-4 for the pairs."""
     from kernels import gluon_attention as ga
-    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_attention import PairPlan
     from kernels.triton_tiles import PartSpec
 
     g = _gen(7 * kbits + vbits)
@@ -706,14 +706,24 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     consts = ga._consts(plan, False, 4)
     assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"] == (vbits != 3)
     assert ga.value_exponent(plan.v) == (15 - math.frexp(float(v_part.scale.float().max()))[1] if vbits != 3 else 0)
+    _raw_then_pairs(ga, monkeypatch, q, plan, o64, ("RAW_K", "RAW_V"), "K_RAW")
+
+
+def _raw_then_pairs(ga, monkeypatch, q, plan, o64, switches, flag):
+    """Run ``plan`` on the Gluon kernel's raw path (taken: checked), then with the module ``switches`` off (its
+    ``flag`` constant then off) on the pairs, and check that raw is within the fp16 tolerance of float64 and at
+    least as close to it as the pairs."""
+    from kernels.triton_attention import attend_pairs
+
+    d = q.shape[-1]
     taken = []
     launch = ga.launch
     monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
     raw = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
     assert taken, "the Gluon kernel was not used"
-    monkeypatch.setattr(ga, "RAW_K", False)
-    monkeypatch.setattr(ga, "RAW_V", False)
-    assert not ga._consts(plan, False, 4)["K_RAW"]
+    for name in switches:
+        monkeypatch.setattr(ga, name, False)
+    assert not ga._consts(plan, False, 4)[flag]
     pairs = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
     print(f"raw {raw:.2e} pairs {pairs:.2e}")
     assert raw < TOL[F16] and raw <= 1.25 * pairs + 1e-5
@@ -728,7 +738,7 @@ def test_gluon_raw_channel_keys_are_as_precise(kg, vg, amp, spread, monkeypatch,
     float64 as the pair dequantization, with long heads, peaked attention and small scales; 8 query rows keep the
     pairs."""
     from kernels import gluon_attention as ga
-    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_attention import PairPlan
     from kernels.triton_tiles import PartSpec
 
     g = _gen(kg + vg)
@@ -744,16 +754,7 @@ def test_gluon_raw_channel_keys_are_as_precise(kg, vg, amp, spread, monkeypatch,
     q = _randn(H, M, d, g=g, dtype=F16, scale=spread / amp)
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
     assert ga._consts(plan, False, 4)["K_CRAW"] and not ga._consts(plan, False, 8)["K_CRAW"]
-    taken = []
-    launch = ga.launch
-    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
-    raw = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
-    assert taken, "the Gluon kernel was not used"
-    monkeypatch.setattr(ga, "RAW_C", False)
-    assert not ga._consts(plan, False, 4)["K_CRAW"]
-    pairs = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
-    print(f"raw {raw:.2e} pairs {pairs:.2e}")
-    assert raw < TOL[F16] and raw <= 1.25 * pairs + 1e-5
+    _raw_then_pairs(ga, monkeypatch, q, plan, o64, ("RAW_C",), "K_CRAW")
 
 
 @gpu_only
