@@ -111,12 +111,16 @@ DYNAMIC = os.environ.get("KV_GLUON_DYNAMIC", "1") == "1"
 # TokenQuant keys with one scale per row (QAQ's rows), fp16: the A operand is the codes themselves (fp16 subnormals,
 # one ``and`` per pair), the scale and zero are applied to the scores (0: dequantize each pair as the other formats)
 RAW_K = os.environ.get("KV_GLUON_RAWK", "1") == "1"
+RAW_K_BITS = (2, 3)  # the key widths that take it (raw_keys)
 # values the same way (one scale per row, no value outliers): codes as the A operand, P^T times each token's scale as
 # the B operand, the zeros' term per query apart (0: dequantize each pair)
 RAW_V = os.environ.get("KV_GLUON_RAWV", "1") == "1"
 # staged 2-bit ChannelQuant keys (KIVI's) with at most 4 query rows per KV head, fp16: the codes as the A operand and
 # each key block's scales on the queries, two softmax streams per query (section "raw ChannelQuant keys"; 0: pairs)
 RAW_C = os.environ.get("KV_GLUON_RAWC", "1") == "1"
+# TokenQuant rows of 2 or 4 bits with raw values (QAQ's rows without outliers), fp16: each half tile's key and value
+# words, scales and zeros staged in shared memory one unit ahead (section "staged rows"; 0: loaded into registers)
+TSTAGE = os.environ.get("KV_GLUON_TSTAGE", "1") == "1"
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -1091,7 +1095,7 @@ def raw_keys(bits: int, group: int, tok: bool, bf16: bool) -> bool:
     would underflow the products), unless switched off (``KV_GLUON_RAWK=0``). The kernel builds raw 4-bit keys too
     (:func:`_tok_kchunk_raw`), but ptxas spilled 16-100 bytes for them at the 168-register cap where the pairs spill
     none, and they ran 1-2% slower on the H100 (kernels/NOTES.md, session 12), so 4-bit keys keep the pairs."""
-    return RAW_K and tok and group == 128 and bits in (2, 3) and not bf16
+    return RAW_K and tok and group == 128 and bits in RAW_K_BITS and not bf16
 
 
 def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
@@ -1108,6 +1112,25 @@ def raw_channel_keys(bits: int, group: int, tok: bool, bf16: bool, m: int, v_bit
     the second stream), unless switched off (``KV_GLUON_RAWC=0``)."""
     return (RAW_C and staged(bits, tok) and group in (32, 64, 128) and not bf16 and m <= 4 and v_bits == 2
             and v_group in (32, 64))
+
+
+def staged_rows(k_bits: int, k_group: int, tok: bool, v_bits: int, v_group: int, bf16: bool, k_slots: int,
+                v_slots: int) -> bool:
+    """Whether a pair's half tiles are staged in shared memory as rows (:func:`_ts_issue`): TokenQuant keys and values
+    of 2 or 4 bits with one scale per row (QAQ's rows), fp16, raw values (:func:`raw_values`), no outliers (their
+    buffers must be the kernel's only shared memory), unless switched off (``KV_GLUON_TSTAGE=0``). The launch also
+    needs :func:`rows_stageable`."""
+    return (TSTAGE and tok and k_group == 128 and k_bits in (2, 4) and v_group == 128 and v_bits in (2, 4)
+            and k_slots == 0 and raw_values(v_bits, v_group, bf16, v_slots))
+
+
+def rows_stageable(plan) -> bool:
+    """What staged rows need of a plan's tensors: the words 16-byte aligned (16-byte copies), the scales and zeros
+    4-byte aligned (copied as words, a pair of rows each), and each head's first key and value rows of one parity
+    (a stage starts at an even row: keys and values must both)."""
+    k, v = plan.k, plan.v
+    return (getattr(plan, "kv_parity", False) and k.data.data_ptr() % 16 == 0 and v.data.data_ptr() % 16 == 0
+            and all(t.data_ptr() % 4 == 0 for t in (k.scale, k.zero, v.scale, v.zero)))
 
 
 def value_exponent(spec) -> int:
@@ -1220,10 +1243,16 @@ def _vchunk_raw(vptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.conste
     """Raw value chunk ``V^T [128 channels, 16 tokens]``: the two tokens' codes of each channel masked out of their
     merged words (in place, or after one shift of the merged word) as fp16 subnormals ``code x 2^(pos - 24)``;
     accumulator row ``8 t + r`` is then in units of ``2^(raw_pos(t) - 24)`` (:func:`_raw_vfac`)."""
+    w0, w1 = _vwords(vptr, vrow0, v_nrows, vrow_off, i, VPER, MASKED)
+    return _vraw(w0, w1, BITS, VPER)
+
+
+@gluon.jit
+def _vraw(w0, w1, BITS: gl.constexpr, VPER: gl.constexpr):
+    """:func:`_vchunk_raw` of a chunk's words (:func:`_vwords`)."""
     NWV: gl.constexpr = 16 // VPER
     HALF: gl.constexpr = VPER // 2
     NIN: gl.constexpr = (10 - BITS) // BITS + 1
-    w0, w1 = _vwords(vptr, vrow0, v_nrows, vrow_off, i, VPER, MASKED)
     tt = _vrows()
     j = tt % VPER
     jh = j % HALF
@@ -1375,6 +1404,129 @@ def _vchunk_hs(vw, vs, vz, st, i: gl.constexpr, NG: gl.constexpr):
     return _vpairs(vw.index(c).load(V4), 0, _hs_vmeta(vs, c, NG), _hs_vmeta(vz, c, NG), 2, 16, False)
 
 
+# ---- staged rows (TokenQuant keys and raw values with one scale per row: QAQ's rows without outliers) ----------------
+@gluon.constexpr_function
+def _ts_layouts(kb: int, vb: int) -> tuple:
+    """Shared layouts of one staged-rows half tile (``kb`` / ``vb``-bit keys / values, 64 rows): flat copy views in the
+    parts' own order and read views per chunk ``i`` (the chunk index on the stage's top address bits, so that the
+    read view's first axis is ``4 stage + i``); where a read's lane bits would share banks an XOR swizzle moves them
+    onto free bank bits (word bits 2-4 only, so 16-byte copies stay contiguous):
+
+    * key words ``[256 kb]`` / ``[2 h, 8 r, kb w, 4 a]``: lane ``4 r + a``'s words ``kb a + w`` of row ``8 r + h + 2 i``
+      (:func:`_tok_word_layout`) at ``wir + 4 kb (h + 2 r + 16 i)`` (``wir``: the word in its row);
+    * row scales / zeros ``[32]`` (int32 words, rows ``2 k, 2 k + 1``) / ``[16]`` fp16 (:data:`ROW_L`: score row
+      ``m`` is row ``8 (m % 8) + m // 8 + 2 i``): word ``k = 4 r + i`` at ``r + 8 i``; the pair keys read them as
+      ``[2 h, 8 r]`` (:data:`TSC` without its lanes ``a``);
+    * value words ``[256 vb]`` / ``[8 r, 2 h, 4 a, 2 e (, 2 w)]``: lane ``4 r + a``'s word(s) of row ``16 a + 8 e + h
+      + 2 i`` (:data:`V4`, :data:`VW5` at 4 bits; at 2 bits the layout of :func:`_hs_layouts`).
+
+    Bank conflicts count per phase of a read (8 lanes for 16-byte reads, 16 for 8-byte, 32 for 4-byte)."""
+    def lay(nbits, lanes, coords, copy, nread):
+        pairs = _swizzle_pairs(lanes)
+        ps = [_swz(1 << k, pairs) for k in range(nbits)]
+        return [[copy(p)] for p in ps], [coords(p) for p in ps[:nread]]
+
+    lw = (4 * kb).bit_length() - 1  # log2 of a key row's words
+    ln = kb.bit_length() - 1  # log2 of a lane's words per key row
+
+    def kcopy(p):
+        wir, h, r, i = p & ((1 << lw) - 1), (p >> lw) & 1, (p >> (lw + 1)) & 7, p >> (lw + 4)
+        return ((h + 2 * i + 8 * r) << lw) + wir
+
+    def kread(p):
+        wir = p & ((1 << lw) - 1)
+        return [(p >> lw) & 1, (p >> (lw + 1)) & 7, wir & (kb - 1), wir >> ln]
+
+    kw = lay(lw + 6, [ln, ln + 1, lw + 1, lw + 2, lw + 3], kread, kcopy, lw + 4)
+    km = ([[4], [8], [16], [1], [2]], [[8], [1], [2], [4]])
+    nv = vb // 2  # a lane's words per value row
+    lv = nv.bit_length() - 1
+
+    def vcopy(p):
+        w, r, h = p & (nv - 1), (p >> lv) & 7, (p >> (lv + 3)) & 1
+        e, a, i = (p >> (lv + 4)) & 1, (p >> (lv + 5)) & 3, p >> (lv + 7)
+        return 4 * vb * (16 * a + 8 * e + h + 2 * i) + nv * r + w
+
+    def vread(p):
+        c = [(p >> lv) & 7, (p >> (lv + 3)) & 1, (p >> (lv + 5)) & 3, (p >> (lv + 4)) & 1]
+        return c + [p & (nv - 1)] if nv > 1 else c
+
+    # a 64-bit read's phase is 16 lanes (r < 4): lane bit r2 lies in the other phase, its bank bit is free
+    vw = lay(lv + 9, [lv, lv + 1, lv + 5, lv + 6] if nv > 1 else [0, 1, 2, 5, 6], vread, vcopy, lv + 7)
+    return kw, km, vw
+
+
+@gluon.constexpr_function
+def _ts_layout(kb, vb, which, read):
+    """One of :func:`_ts_layouts`' shared layouts (``which``: 0 key words, 1 row scales / zeros, 2 value words, 3 row
+    scales / zeros read as ``[2 h, 8 r]``)."""
+    if which == 3:
+        return gl.SharedLinearLayout([[1, 0], [0, 1], [0, 2], [0, 4]])
+    flat, rd = _ts_layouts(kb, vb)[(0, 1, 2)[which]]
+    return gl.SharedLinearLayout(rd if read else flat)
+
+
+TS1: gl.constexpr = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))  # one word per lane
+
+
+@gluon.jit
+def _ts_issue(tk, tks, tkz, tv, tvs, tvz, st, T, vrow, k_data, k_scale, k_zero, v_data, v_scale, v_zero, k_nrows,
+              v_nrows, KB: gl.constexpr, VB: gl.constexpr):
+    """cp.async the 64 rows at key row ``T`` and value row ``vrow`` (both even) into stage ``st``: their words (16-byte
+    copies) and their scales and zeros as words of two rows (``k_scale`` .. ``v_zero``: fp16 pointers). Rows outside
+    the parts read 0, and so does a word whose second row is outside (the masked halves load scales from global
+    memory)."""
+    ok = gl.arange(0, 256 * KB, layout=HS1)
+    _CP_ASYNC(tk.index(st), k_data + (T.to(gl.int64) * (4 * KB) + ok), mask=T + ok // (4 * KB) < k_nrows)
+    ov = gl.arange(0, 256 * VB, layout=HS1)
+    vr = vrow + ov // (4 * VB)
+    _CP_ASYNC(tv.index(st), v_data + (vrow.to(gl.int64) * (4 * VB) + ov), mask=(vr >= 0) & (vr < v_nrows))
+    ow = gl.arange(0, 32, layout=TS1)
+    km = T + 2 * ow + 1 < k_nrows
+    kp = (T // 2).to(gl.int64) + ow
+    _CP_ASYNC(tks.index(st), k_scale.to(gl.pointer_type(gl.int32), bitcast=True) + kp, mask=km)
+    _CP_ASYNC(tkz.index(st), k_zero.to(gl.pointer_type(gl.int32), bitcast=True) + kp, mask=km)
+    vm = (vrow >= 0) & (vrow + 2 * ow + 1 < v_nrows)
+    vp = (vrow // 2).to(gl.int64) + ow
+    _CP_ASYNC(tvs.index(st), v_scale.to(gl.pointer_type(gl.int32), bitcast=True) + vp, mask=vm)
+    _CP_ASYNC(tvz.index(st), v_zero.to(gl.pointer_type(gl.int32), bitcast=True) + vp, mask=vm)
+
+
+@gluon.jit
+def _ts_rows(st, c):
+    """Chunk ``c``'s row scales (zeros) from the stage view ``st``: float32 ``[16, 1]`` (as :func:`_rows_sz`)."""
+    return gl.expand_dims(st.index(c).load(ROW_L).to(gl.float32), 1)
+
+
+@gluon.jit
+def _ts_tsc(st, c):
+    """Chunk ``c``'s row scales (zeros) for the pair keys from the stage view ``st`` (:func:`_ts_layout` 3), fp16 in
+    :data:`TSC`."""
+    x = gl.expand_dims(st.index(c).load(gl.SliceLayout(2, TSC)), 2)
+    return gl.broadcast(x, gl.full([2, 8, 4], 0.0, gl.float16, layout=TSC))[0]
+
+
+@gluon.jit
+def _tsc_rows(scale, T, nrows):
+    """The row scales (zeros) of rows ``T + 8 r + h`` in :data:`TSC` from global memory (0 outside the part)."""
+    h, r, a = _idx3(TSC, 2, 8, 4)
+    row = T + 8 * r + h
+    return gl.load(scale + row, mask=(row >= 0) & (row < nrows), other=0.0)
+
+
+@gluon.jit
+def _ts_vwords(vw_st, c, VPER: gl.constexpr):
+    """A value chunk's words from the stage view (:func:`_vwords`'s layouts)."""
+    if VPER == 8:
+        w0, w1 = gl.split(vw_st.index(c).load(VW5))
+        w0 = gl.convert_layout(w0, V4, assert_trivial=True)
+        w1 = gl.convert_layout(w1, V4, assert_trivial=True)
+    else:
+        w0 = vw_st.index(c).load(V4)
+        w1 = 0
+    return w0, w1
+
+
 # ---- sparse outliers (QAQ keeps each row's extremes exact) ----------------------------------------------------------
 # Each row's outliers come as S fixed slots (outlier_slots: 32 x the channel's accumulator row << 16 | the 16 bits of
 # value - dequantized code, empty slots 0; the row is the byte offset of the channel's q' row for keys and, divided
@@ -1524,13 +1676,14 @@ def _key_op(klo, khi, ksc, kzr, wk, sk, zk, i: gl.constexpr, K_BITS: gl.constexp
 @gluon.jit
 def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, qs, i: gl.constexpr, T0, trow, k_ell, k_nrows, cbase,
             K_BITS: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
-            K_RAW: gl.constexpr, K_CRAW: gl.constexpr):
+            K_RAW: gl.constexpr, K_CRAW: gl.constexpr, K_TS: gl.constexpr = False):
     """Scores ``S^T [16 tokens, 8 queries]`` (log2 units, unmasked) of chunk ``i`` of the half tile whose chunk 0
     starts at ``T0`` (physical tokens ``T0 + trow + 2 i``). The key chunk comes from ``klo, khi, ksc, kzr``
     (ChannelQuant) or ``wk, sk, zk`` (TokenQuant, :func:`_key_op`; raw keys: words and row factors, ``K_RAW``); with
     key outliers (``K_OUT``) the terms of each
     row's first two slots (:func:`_k_out`; a third and fourth: :func:`_half`). Raw ChannelQuant keys (``K_CRAW``):
-    :func:`_craw_scores` with the half's scaled queries in ``ksc`` and zeros' term in ``kzr``."""
+    :func:`_craw_scores` with the half's scaled queries in ``ksc`` and zeros' term in ``kzr``. Staged rows
+    (``K_TS``): unmasked halves pass the raw keys' row factors in ``sk, zk`` (:func:`_ts_rows`)."""
     if K_CRAW:
         s = _craw_scores(klo, ksc, kzr, zs, i)
     elif K_RAW:  # codes x scaled queries, then each row's scale and zero (sk, zk: _rows_sz; qs: the queries' sums)
@@ -1538,7 +1691,11 @@ def _scores(qb, klo, khi, ksc, kzr, wk, sk, zk, zs, qs, i: gl.constexpr, T0, tro
             s = mma_v2(_tok3_kchunk_raw(wk), qb, zs)
         else:
             s = mma_v2(_tok_kchunk_raw(wk, K_BITS), qb, zs)
-        rs, rz = _rows_sz(sk, zk, T0 + trow + 2 * i, k_nrows, RAW_ROW, MASKED)
+        if K_TS and not MASKED:  # staged rows: sk, zk are the chunk's (_ts_rows)
+            rs = sk * RAW_ROW
+            rz = zk
+        else:
+            rs, rz = _rows_sz(sk, zk, T0 + trow + 2 * i, k_nrows, RAW_ROW, MASKED)
         s = s * rs + rz * qs
     else:
         s = mma_v2(_key_op(klo, khi, ksc, kzr, wk, sk, zk, i, K_BITS, BF16, K_TOK), qb, zs)
@@ -1615,20 +1772,68 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
           K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr,
           MASKED: gl.constexpr, STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
           V_OUT: gl.constexpr, K_RAW: gl.constexpr, V_RAW: gl.constexpr, K_CRAW: gl.constexpr, vw_st=0, vs_st=0,
-          vz_st=0, vst=0):
+          vz_st=0, vst=0, K_TS: gl.constexpr = False):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
     ``P V``. ChannelQuant halves keep only half of each lane's key words in registers; with ``STAGED`` the key words
     come from the shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage, otherwise from global
     memory. TokenQuant keys (``K_TOK``) load each chunk's own words, scales and zeros (:func:`_tok_key_load`).
     Outliers (``K_OUT`` / ``V_OUT`` slots per row): :func:`_k_out`; the value deltas through the tiles ``cbuf`` (at
-    shared address ``cbase``, :func:`_vd_write`)."""
+    shared address ``cbase``, :func:`_vd_write`). Staged rows (``K_TS``): the chunks' key and value words, and in
+    unmasked halves their row scales and zeros, from the stage views (chunk ``4 vst + i``; :func:`_ts_issue`)."""
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
     HOFF: gl.constexpr = 8 if (K_BITS == 2 and not K_TOK and not K_CRAW) else 64  # half w's first token - trow - 2 i
     WOFF: gl.constexpr = 0 if K_BITS == 2 else 64  # first token of the half's key words: T0 + WOFF w + lane run
     if K_TOK:  # TokenQuant keys: each chunk's own words and scales (kc_off / krow_w: words; ks_off / krow_l: scales)
         T8 = T0 + HOFF * w  # the half's chunk i has physical tokens T8 + trow + 2 i
-    if K_RAW:
+    if K_TS:
+        c0 = 4 * vst
+        WL: gl.constexpr = _tok_word_layout(KPER)
+        wk0 = kw_st.index(c0).load(WL)
+        wk1 = kw_st.index(c0 + 1).load(WL)
+        wk2 = kw_st.index(c0 + 2).load(WL)
+        wk3 = kw_st.index(c0 + 3).load(WL)
+        if MASKED and K_RAW:  # the row factors from global memory (_scores)
+            sk0 = k_scale2
+            zk0 = k_zero2
+            sk1 = k_scale2
+            zk1 = k_zero2
+            sk2 = k_scale2
+            zk2 = k_zero2
+            sk3 = k_scale2
+            zk3 = k_zero2
+        elif MASKED:
+            sk0 = _tsc_rows(k_scale2, T8, k_nrows)
+            zk0 = _tsc_rows(k_zero2, T8, k_nrows)
+            sk1 = _tsc_rows(k_scale2, T8 + 2, k_nrows)
+            zk1 = _tsc_rows(k_zero2, T8 + 2, k_nrows)
+            sk2 = _tsc_rows(k_scale2, T8 + 4, k_nrows)
+            zk2 = _tsc_rows(k_zero2, T8 + 4, k_nrows)
+            sk3 = _tsc_rows(k_scale2, T8 + 6, k_nrows)
+            zk3 = _tsc_rows(k_zero2, T8 + 6, k_nrows)
+        elif K_RAW:
+            sk0 = _ts_rows(ks_st, c0)
+            zk0 = _ts_rows(kz_st, c0)
+            sk1 = _ts_rows(ks_st, c0 + 1)
+            zk1 = _ts_rows(kz_st, c0 + 1)
+            sk2 = _ts_rows(ks_st, c0 + 2)
+            zk2 = _ts_rows(kz_st, c0 + 2)
+            sk3 = _ts_rows(ks_st, c0 + 3)
+            zk3 = _ts_rows(kz_st, c0 + 3)
+        else:
+            sk0 = _ts_tsc(ks_st, c0)
+            zk0 = _ts_tsc(kz_st, c0)
+            sk1 = _ts_tsc(ks_st, c0 + 1)
+            zk1 = _ts_tsc(kz_st, c0 + 1)
+            sk2 = _ts_tsc(ks_st, c0 + 2)
+            zk2 = _ts_tsc(kz_st, c0 + 2)
+            sk3 = _ts_tsc(ks_st, c0 + 3)
+            zk3 = _ts_tsc(kz_st, c0 + 3)
+        klo = 0
+        khi = 0
+        ksc = 0
+        kzr = 0
+    elif K_RAW:
         wk0 = _tok_key_words(k_data, T8, k_nrows, krow_w, kc_off, KPER, MASKED)
         wk1 = _tok_key_words(k_data, T8 + 2, k_nrows, krow_w, kc_off, KPER, MASKED)
         wk2 = _tok_key_words(k_data, T8 + 4, k_nrows, krow_w, kc_off, KPER, MASKED)
@@ -1709,13 +1914,13 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     else:
         vmore = False
     s0 = _scores(qb, klo, khi, ksc, kzr, wk0, sk0, zk0, zs, qs, 0, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW, K_TS)
     s1 = _scores(qb, klo, khi, ksc, kzr, wk1, sk1, zk1, zs, qs, 1, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW, K_TS)
     s2 = _scores(qb, klo, khi, ksc, kzr, wk2, sk2, zk2, zs, qs, 2, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW, K_TS)
     s3 = _scores(qb, klo, khi, ksc, kzr, wk3, sk3, zk3, zs, qs, 3, T8, trow, k_ell, k_nrows, cbase, K_BITS,
-                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW)
+                 MASKED, BF16, K_TOK, K_OUT, K_RAW, K_CRAW, K_TS)
     if K_OUT == 4:
         if kmore:  # a third and fourth key outlier in some row of the half tile (QAQ's ties: ~14% of half tiles)
             k1 = _plane1(k_ell, k_nrows)
@@ -1748,11 +1953,31 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     p2 = gl.exp2(s2 - ms)
     p3 = gl.exp2(s3 - ms)
     if V_RAW:  # raw values: P^T times each token's scale, the zeros' term per query in za (summed at the end)
-        sv0, zv0 = _rows_sz(v_scale, v_zero, vrow0 + trow, v_nrows, 1.0, MASKED)
-        sv1, zv1 = _rows_sz(v_scale, v_zero, vrow0 + trow + 2, v_nrows, 1.0, MASKED)
-        sv2, zv2 = _rows_sz(v_scale, v_zero, vrow0 + trow + 4, v_nrows, 1.0, MASKED)
-        sv3, zv3 = _rows_sz(v_scale, v_zero, vrow0 + trow + 6, v_nrows, 1.0, MASKED)
+        if K_TS and not MASKED:
+            sv0 = _ts_rows(vs_st, c0)
+            zv0 = _ts_rows(vz_st, c0)
+            sv1 = _ts_rows(vs_st, c0 + 1)
+            zv1 = _ts_rows(vz_st, c0 + 1)
+            sv2 = _ts_rows(vs_st, c0 + 2)
+            zv2 = _ts_rows(vz_st, c0 + 2)
+            sv3 = _ts_rows(vs_st, c0 + 3)
+            zv3 = _ts_rows(vz_st, c0 + 3)
+        else:
+            sv0, zv0 = _rows_sz(v_scale, v_zero, vrow0 + trow, v_nrows, 1.0, MASKED)
+            sv1, zv1 = _rows_sz(v_scale, v_zero, vrow0 + trow + 2, v_nrows, 1.0, MASKED)
+            sv2, zv2 = _rows_sz(v_scale, v_zero, vrow0 + trow + 4, v_nrows, 1.0, MASKED)
+            sv3, zv3 = _rows_sz(v_scale, v_zero, vrow0 + trow + 6, v_nrows, 1.0, MASKED)
         za = za * gl.expand_dims(alpha, 0) + ((p0 * zv0 + p1 * zv1) + (p2 * zv2 + p3 * zv3))
+    if K_TS:  # staged value words
+        va0, vb0 = _ts_vwords(vw_st, c0, VPER)
+        acc = mma_v2(_vraw(va0, vb0, V_BITS, VPER), _pt(p0 * sv0, BF16), acc)
+        va1, vb1 = _ts_vwords(vw_st, c0 + 1, VPER)
+        acc = mma_v2(_vraw(va1, vb1, V_BITS, VPER), _pt(p1 * sv1, BF16), acc)
+        va2, vb2 = _ts_vwords(vw_st, c0 + 2, VPER)
+        acc = mma_v2(_vraw(va2, vb2, V_BITS, VPER), _pt(p2 * sv2, BF16), acc)
+        va3, vb3 = _ts_vwords(vw_st, c0 + 3, VPER)
+        acc = mma_v2(_vraw(va3, vb3, V_BITS, VPER), _pt(p3 * sv3, BF16), acc)
+    elif V_RAW:
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, MASKED), _pt(p0 * sv0, BF16), acc)
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, MASKED), _pt(p1 * sv1, BF16), acc)
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 2, V_BITS, VPER, MASKED), _pt(p2 * sv2, BF16), acc)
@@ -1849,15 +2074,20 @@ def _hstep(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, n_next, abeg, 
            k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
            LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs, rvz, K_BITS: gl.constexpr, K_GROUP: gl.constexpr,
            V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, BF16: gl.constexpr,
-           V_RAW: gl.constexpr):
-    """Half tile ``ht`` of the head for raw ChannelQuant keys: the next unit (half tile ``n_next``, when
-    ``issue_next``) is copied into the other stage, this one's stage ``st`` is waited for and computed (:func:`_half`
-    with the stage's views). ``v_scale`` / ``v_zero``: int32 pointers (the copies move words)."""
+           V_RAW: gl.constexpr, K_RAW: gl.constexpr = False, K_TS: gl.constexpr = False):
+    """Half tile ``ht`` of the head for raw ChannelQuant keys (or staged rows, ``K_TS``): the next unit (half tile
+    ``n_next``, when ``issue_next``) is copied into the other stage, this one's stage ``st`` is waited for and computed
+    (:func:`_half` with the stage's views). ``v_scale`` / ``v_zero``: int32 pointers (the copies move words; fp16 for
+    staged rows)."""
     st = st.to(gl.int32)
     if issue_next:
         Tn = abeg + n_next * 64
-        _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
-                  v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
+        if K_TS:
+            _ts_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
+                      v_scale, v_zero, k_nrows, v_nrows, K_BITS, V_BITS)
+        else:
+            _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
+                      v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
     async_copy.commit_group()
     async_copy.wait_group(1)  # this unit's copies have landed
     _BARRIER()
@@ -1865,18 +2095,26 @@ def _hstep(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, n_next, abeg, 
     w = ht % 2
     T8 = T0 + 64 * w
     inner = (T8 >= kbeg) & (T8 + 64 <= kbeg + cnt) & (T8 + 64 <= new0)
+    if K_TS:  # the views of both stages (_half reads chunk 4 st + i)
+        kv = rk
+        ksv = rks
+        kzv = rkz
+    else:
+        kv = rk.index(st)
+        ksv = rks.index(st)
+        kzv = rkz.index(st)
     if inner:
         acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
                                   k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0, 0, trow, qcol,
-                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, rk.index(st), rks.index(st), rkz.index(st),
-                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, True, BF16, False,
-                                  0, 0, False, V_RAW, True, rv, rvs, rvz, st)
+                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, kv, ksv, kzv,
+                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, True, BF16, K_TS,
+                                  0, 0, K_RAW, V_RAW, not K_TS, rv, rvs, rvz, st, K_TS)
     else:
         acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
                                   k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0, 0, trow, qcol,
-                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, rk.index(st), rks.index(st), rkz.index(st),
-                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, True, BF16, False,
-                                  0, 0, False, V_RAW, True, rv, rvs, rvz, st)
+                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, kv, ksv, kzv,
+                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, True, BF16, K_TS,
+                                  0, 0, K_RAW, V_RAW, not K_TS, rv, rvs, rvz, st, K_TS)
     _BARRIER()  # every lane has read this stage before it is refilled
     return acc, m_i, l_i, za
 
@@ -1910,6 +2148,7 @@ def _kivi_attn_kernel(
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
     K_RAW: gl.constexpr = False, V_RAW: gl.constexpr = False, K_CRAW: gl.constexpr = False,
+    K_TS: gl.constexpr = False,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
@@ -1929,7 +2168,9 @@ def _kivi_attn_kernel(
         vbeg = gl.load(meta_ptr + nh + hd)
         cnt = gl.load(meta_ptr + 2 * nh + hd)
         col = gl.load(meta_ptr + 3 * nh + hd)
-    if K_TOK:
+    if K_TS:  # staged rows start at an even row (their scales and zeros are copied as words of two rows)
+        abeg = kbeg - kbeg % 2
+    elif K_TOK:
         abeg = kbeg
     else:
         abeg = kbeg - kbeg % K_GROUP  # key tiles start at a key block
@@ -2055,6 +2296,31 @@ def _kivi_attn_kernel(
         rvz = _REINTERPRET(hvz, gl.float16, [8, NG, 2, 4, 2], _hs_layout(K_GROUP, NG, 3, True))
         v_scale2 = v_scale.to(gl.pointer_type(gl.int32), bitcast=True)
         v_zero2 = v_zero.to(gl.pointer_type(gl.int32), bitcast=True)
+    elif K_TS:
+        # two stages of a half tile's rows (_ts_issue, _ts_layouts): unit u + 1 is copied while unit u is computed
+        gl.static_assert(K_TOK and V_RAW and K_OUT == 0 and K_GROUP == 128 and (K_BITS == 2 or K_BITS == 4))
+        hk = gl.allocate_shared_memory(gl.int32, [2, 256 * K_BITS], _ts_layout(K_BITS, V_BITS, 0, False))
+        hks = gl.allocate_shared_memory(gl.int32, [2, 32], _ts_layout(K_BITS, V_BITS, 1, False))
+        hkz = gl.allocate_shared_memory(gl.int32, [2, 32], _ts_layout(K_BITS, V_BITS, 1, False))
+        hv = gl.allocate_shared_memory(gl.int32, [2, 256 * V_BITS], _ts_layout(K_BITS, V_BITS, 2, False))
+        hvs = gl.allocate_shared_memory(gl.int32, [2, 32], _ts_layout(K_BITS, V_BITS, 1, False))
+        hvz = gl.allocate_shared_memory(gl.int32, [2, 32], _ts_layout(K_BITS, V_BITS, 1, False))
+        rk = _view(hk, [8, 2, 8, K_BITS, 4], _ts_layout(K_BITS, V_BITS, 0, True))
+        if K_RAW:
+            rks = _REINTERPRET(hks, gl.float16, [8, 16], _ts_layout(K_BITS, V_BITS, 1, True))
+            rkz = _REINTERPRET(hkz, gl.float16, [8, 16], _ts_layout(K_BITS, V_BITS, 1, True))
+        else:
+            rks = _REINTERPRET(hks, gl.float16, [8, 2, 8], _ts_layout(K_BITS, V_BITS, 3, True))
+            rkz = _REINTERPRET(hkz, gl.float16, [8, 2, 8], _ts_layout(K_BITS, V_BITS, 3, True))
+        if V_BITS == 4:
+            rv = _view(hv, [8, 8, 2, 4, 2, 2], _ts_layout(K_BITS, V_BITS, 2, True))
+        else:
+            rv = _view(hv, [8, 8, 2, 4, 2], _ts_layout(K_BITS, V_BITS, 2, True))
+        rvs = _REINTERPRET(hvs, gl.float16, [8, 16], _ts_layout(K_BITS, V_BITS, 1, True))
+        rvz = _REINTERPRET(hvz, gl.float16, [8, 16], _ts_layout(K_BITS, V_BITS, 1, True))
+        NG: gl.constexpr = 1
+        v_scale2 = v_scale  # fp16: _ts_issue copies words, the masked halves load rows
+        v_zero2 = v_zero
     elif STAGE_K:
         # two stages of each tile's key words and key scales / zeros: tile t + 1 is copied while tile t is computed
         gl.static_assert(K_BITS == 2)
@@ -2065,14 +2331,18 @@ def _kivi_attn_kernel(
         zflat = gl.allocate_shared_memory(gl.int32, [2, 8, 64], _kmeta_layout(False))
         sread = _view(sflat, [2, 8, 16, 4], _kmeta_layout(True))
         zread = _view(zflat, [2, 8, 16, 4], _kmeta_layout(True))
-    if K_CRAW:  # units of one half tile, staged one unit ahead (_hstep)
+    if K_CRAW or K_TS:  # units of one half tile, staged one unit ahead (_hstep)
         if DYNAMIC:
             last = (2 * ntiles - 1).to(gl.int32)
             nxt = NSPLIT + sp
             ht = sp
             if ht < 2 * ntiles:
-                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 64 * ht, abeg + 64 * ht - kbeg + vbeg, k_data, k_scale2,
-                          k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
+                if K_TS:
+                    _ts_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 64 * ht, abeg + 64 * ht - kbeg + vbeg, k_data,
+                              k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_BITS, V_BITS)
+                else:
+                    _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 64 * ht, abeg + 64 * ht - kbeg + vbeg, k_data,
+                              k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
             async_copy.commit_group()
             uc = sp * 0  # units done (the stage parity)
             while ht < 2 * ntiles:
@@ -2081,21 +2351,25 @@ def _kivi_attn_kernel(
                                            kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2,
                                            k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, hk, hks,
                                            hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs, rvz, K_BITS, K_GROUP, V_BITS,
-                                           V_GROUP, WANT_SCORES, BF16, V_RAW)
+                                           V_GROUP, WANT_SCORES, BF16, V_RAW, K_RAW, K_TS)
                 ht = nxt
                 nxt = 2 * NSPLIT + _ticket(draw)
                 uc += 1
         else:
             if t_lo < t_hi:
-                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 128 * t_lo, abeg + 128 * t_lo - kbeg + vbeg, k_data,
-                          k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
+                if K_TS:
+                    _ts_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 128 * t_lo, abeg + 128 * t_lo - kbeg + vbeg,
+                              k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_BITS, V_BITS)
+                else:
+                    _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 128 * t_lo, abeg + 128 * t_lo - kbeg + vbeg,
+                              k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
             async_copy.commit_group()
             for ht in range(2 * t_lo, 2 * t_hi):
                 acc, m_i, l_i, za = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, (ht - 2 * t_lo) % 2,
                                            ht + 1 < 2 * t_hi, ht + 1, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2,
                                            k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, trow, qcol, s_ptr, hd,
                                            M, NMAX, COLBASE, col, LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs,
-                                           rvz, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, BF16, V_RAW)
+                                           rvz, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, BF16, V_RAW, K_RAW, K_TS)
     elif DYNAMIC:
         # units of one half tile, or of a whole tile when keys are staged (a stage holds one tile): each program
         # starts with units sp and NSPLIT + sp, then takes the next free one from the head's counter, drawn one unit
@@ -2340,6 +2614,9 @@ def _consts(plan, want_scores: bool, m: int) -> dict:
                                  _slots_of(plan.v, True)),
                 K_CRAW=raw_channel_keys(plan.k.bits, plan.k.group, tok, plan.k.scale.dtype == torch.bfloat16, m,
                                         plan.v.bits, plan.v.group),
+                K_TS=staged_rows(plan.k.bits, plan.k.group, tok, plan.v.bits, plan.v.group,
+                                 plan.k.scale.dtype == torch.bfloat16, _slots_of(plan.k, False),
+                                 _slots_of(plan.v, True)) and rows_stageable(plan),
                 num_warps=1, maxnreg=MAXNREG)
 
 
@@ -2491,7 +2768,8 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,
                  K_OUT=k_out, V_OUT=v_out, K_RAW=raw_keys(k_bits, k_group, k_tok, bf16),
                  V_RAW=raw_values(v_bits, v_group, bf16, v_out),
-                 K_CRAW=raw_channel_keys(k_bits, k_group, k_tok, bf16, m, v_bits, v_group))
+                 K_CRAW=raw_channel_keys(k_bits, k_group, k_tok, bf16, m, v_bits, v_group),
+                 K_TS=staged_rows(k_bits, k_group, k_tok, v_bits, v_group, bf16, k_out, v_out))
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names

@@ -305,6 +305,8 @@ class PairPlan:
         self.packed = (kspec.fmt != DENSE or vspec.fmt != DENSE) and simple
         self.gluon = _gluon is not None and _gluon.pair_fits(kspec, vspec)  # served by kernels.gluon_attention
         self.col_base, self.newr = col_base, newr
+        # every head's first key and value rows of one parity (the Gluon kernel's staged rows start at even rows)
+        self.kv_parity = all((a - b) % 2 == 0 for a, b in zip(kbeg, vbeg, strict=True))
         kp, vp = _progression(kbeg), _progression(vbeg)
         self.uniform = kp is not None and vp is not None and len(set(cnt)) <= 1 and len(set(col)) <= 1
         if self.uniform:

@@ -453,7 +453,9 @@ def test_launch_config_by_pair_kind():
     ("T", 2, 4, 128, 128, 8, 4, True, True, 5, 4e-4, F16), ("C", 2, 2, 32, 128, 4, 1, False, True, 3, 1, F16),
     # raw ChannelQuant keys (2 bits, at most 4 query rows): blocks of 128 and 64 tokens, 3 rows, causal pairs of rows
     ("C", 2, 2, 128, 32, 3, 1, False, True, 0, 1, F16), ("C", 2, 2, 64, 64, 4, 2, True, True, 3, 1, F16),
-    ("C", 2, 2, 32, 32, 2, 2, False, False, 1, 1e-4, F16)])
+    ("C", 2, 2, 32, 32, 2, 2, False, False, 1, 1e-4, F16),
+    # staged rows (2/4-bit keys and values with one scale per row, fp16; uniform heads start at odd rows)
+    ("T", 4, 2, 128, 128, 4, 1, False, True, 3, 1, F16), ("T", 2, 4, 128, 128, 1, 1, True, False, 0, 1e-4, F16)])
 def test_gluon_kivi_matches_float64(kf, kbits, vbits, kg, vg, M, lq, uniform, want, newr, amp, dtype, monkeypatch,
                                     gluon_strict):
     """The Gluon kernel for packed 2/4-bit pairs (taken and not switched off: checked) against float64: ragged heads
@@ -727,6 +729,46 @@ def _raw_then_pairs(ga, monkeypatch, q, plan, o64, switches, flag):
     pairs = relerr(attend_pairs(q, [plan], d ** -0.5)[0], o64)
     print(f"raw {raw:.2e} pairs {pairs:.2e}")
     assert raw < TOL[F16] and raw <= 1.25 * pairs + 1e-5
+
+
+@gpu_only
+@pytest.mark.parametrize("kbits,vbits", [(2, 2), (4, 4), (2, 4), (4, 2)])
+def test_gluon_staged_rows(kbits, vbits, monkeypatch, gluon_strict):
+    """QAQ's rows without outliers (2/4-bit TokenQuant keys and raw values, one scale per row, fp16) stage each half
+    tile in shared memory (``K_TS``: checked): heads at odd and even rows (an odd head's stage starts one row
+    early), ragged ranges ending at odd rows, the part's last row odd, causal new rows and scores, two query tokens.
+    Against float64 within the fp16 tolerance, and against the unstaged kernel (``TSTAGE`` off) within rounding; a
+    plan whose keys and values start at rows of different parity keeps the unstaged kernel."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    g = _gen(40 + 4 * kbits + vbits)
+    H, d, M, lq, newr = 5, 128, 4, 2, 3
+    counts = (1031, 2048, 777, 1500, 67)
+    starts, cnts = [3, 0, 10, 1, 0], [1020, 2048, 700, 1499, 67]
+    k_part = _make("T", counts, d, kbits, 128, F16, g, 0)
+    v_part = _make("T", counts, d, vbits, 128, F16, g, 0)
+    offs = dispatch._offsets(counts)
+    rows = [offs[h] + starts[h] for h in range(H)]
+    assert {r % 2 for r in rows} == {0, 1} and sum(counts) % 2 == 1
+    plan = PairPlan(PartSpec(k_part), PartSpec(v_part), rows, rows, cnts, nsplit=6, newr=newr, device=DEV)
+    assert ga._consts(plan, True, M)["K_TS"]
+    taken = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
+    q = _randn(H, M, d, g=g, dtype=F16)
+    o64, fin = _gluon_vs_float64(ga, taken, q, plan, k_part, v_part, starts, cnts, newr, lq, True, F16)
+    staged = attend_pairs(q, [plan], d ** -0.5, None, lq)[0]
+    monkeypatch.setattr(ga, "TSTAGE", False)
+    assert not ga._consts(plan, True, M)["K_TS"]
+    unstaged = attend_pairs(q, [plan], d ** -0.5, None, lq)[0]
+    assert relerr(unstaged[fin], o64[fin]) < TOL[F16]
+    assert relerr(staged[fin], unstaged[fin]) < 1e-3
+    monkeypatch.setattr(ga, "TSTAGE", True)
+    odd = PairPlan(PartSpec(k_part), PartSpec(v_part), rows, [r + 1 for r in rows[:-1]] + rows[-1:], cnts,
+                   nsplit=6, device=DEV)
+    assert not odd.kv_parity and not ga._consts(odd, False, M)["K_TS"]
 
 
 @gpu_only
@@ -1021,9 +1063,15 @@ if not tok and not craw:
     need += (f"mul.rn.{t}x2",)  # ChannelQuant key scale pairs prepared in the kernel
 if sys.argv[1] == "2" and not tok:
     need += ("cp.async.cg.shared.global",)  # 16-byte copies of the staged 2-bit key tiles
-if tok and sys.argv[1] != "3":  # a lane's words of a TokenQuant key in one load (3 bits: four words apart)
+ts = ga.staged_rows(kb, kg, tok, vb, vg, bf16, out, out)
+if ts:  # staged rows: 16-byte copies of the words, 4-byte ones of the row scales; a lane's words in one shared load
+    need += ("cp.async.cg.shared.global", "cp.async.ca.shared.global",
+             "ld.shared.v2.b32" if kb == 2 else "ld.shared.v4.b32")
+    if vb == 4:
+        need += ("ld.shared.v2.b32",)
+elif tok and sys.argv[1] != "3":  # a lane's words of a TokenQuant key in one load (3 bits: four words apart)
     need += ("ld.global.v2.b32" if sys.argv[1] == "2" else "ld.global.v4.b32",)
-if sys.argv[2] == "4":
+if sys.argv[2] == "4" and not ts:
     need += ("ld.global.v2.b32",)  # a token's two 4-bit value words per lane in one load
 if bf16:
     need += ("sub.rn.bf16x2",)  # the magic subtracted before the fma
@@ -1440,6 +1488,61 @@ def test_gluon_half_stage_layouts(kg, ng):
             for e in range(2):
                 words = {swhere[(i, (16 * r) // (128 // ng), h, a, e)] for r in range(8) for a in range(4)}
                 assert len({w % 32 for w in words}) == len(words)
+
+
+@pytest.mark.parametrize("kb,vb", [(2, 2), (4, 4), (2, 4), (4, 2)])
+def test_gluon_row_stage_layouts(kb, vb):
+    """The shared-memory views of a half tile of rows (``_ts_layouts``: QAQ's rows staged) agree with the copies: each
+    chunk's read coordinate is the element the copy of the parts' own order wrote there (key words of row ``8 r + h +
+    2 i``, the row scales as fp16 score rows ``8 (m % 8) + m // 8 + 2 i`` and as ``[2 h, 8 r]``, value words of row
+    ``16 a + 8 e + h + 2 i``); 16-byte copies stay contiguous, and the lanes of each phase of a read instruction (8,
+    16 or 32 lanes for 16-, 8- or 4-byte reads) hit distinct banks."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    (kf, kr), (mf, mr), (vf, vr) = ga._ts_layouts(kb, vb)
+    tsc = ga._ts_layout(kb, vb, 3, True).offset_bases
+
+    def check(flat, read, n, want, insts, width):
+        per = 1 << len(read)
+        where = {}
+        for o in range(n):
+            (g,) = _apply_bases(flat, o)
+            c = (o // per,) + _apply_bases(read, o % per)
+            assert g == want(c), (o, g, c)
+            where[c] = o
+            if o % 4:
+                assert g == _apply_bases(flat, o - 1)[0] + 1
+        assert len(where) == n
+        for lanes in insts:  # one read instruction: [lane][its vector's elements], lane = 4 r + a
+            for p in range(0, 32, 32 // width):
+                words = [where[c] for lane in lanes[p:p + 32 // width] for c in lane]
+                assert len({w % 32 for w in words}) == len(words), (lanes[0], words)
+
+    check(kf, kr, 256 * kb, lambda c: (8 * c[2] + c[1] + 2 * c[0]) * 4 * kb + kb * c[4] + c[3],
+          [[[(i, h, r, w, a) for w in range(kb)] for r in range(8) for a in range(4)]
+           for i in range(4) for h in range(2)], kb)
+    nv = vb // 2
+
+    def vwant(c):
+        i, r, h, a, e = c[:5]
+        return 4 * vb * (16 * a + 8 * e + h + 2 * i) + nv * r + (c[5] if nv > 1 else 0)
+
+    check(vf, vr, 256 * vb, vwant, [[[(i, r, h, a, e) + ((w,) if nv > 1 else ()) for w in range(nv)]
+                                     for r in range(8) for a in range(4)]
+                                    for i in range(4) for h in range(2) for e in range(2)], nv)
+    if vb == 2:
+        assert (vf, vr) == ga._hs_layouts(32, 2)[2]
+    for p16 in range(64):  # a stage's fp16 rows: word k holds rows 2 k, 2 k + 1
+        i, q = p16 // 16, p16 % 16
+        row = 2 * _apply_bases(mf, p16 >> 1)[0] + (p16 & 1)
+        (m,) = _apply_bases(mr, q)
+        assert row == 8 * (m % 8) + m // 8 + 2 * i, (p16, row, m)
+        h, r = _apply_bases(tsc, q)
+        assert row == 8 * r + h + 2 * i
+    for i in range(4):
+        words = {(16 * i + q) >> 1 for q in range(16)}
+        assert len(words) == 8 and len({w % 32 for w in words}) == 8
 
 
 @pytest.mark.parametrize("bits", [2, 4])
