@@ -44,6 +44,10 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
   fp16 subnormals, each key block's scales ride on the queries (the B operand's columns 0-3 for lane rows 0-3, 4-7
   for lane rows 4-7: two softmax streams per query, merged at the end), and each half tile's keys and values are
   staged in shared memory one unit ahead (section "raw ChannelQuant keys" below).
+* QAQ's rows without outliers (2/4-bit TokenQuant keys and raw values, one scale per row, fp16:
+  :func:`staged_rows`) stage each half tile too: its key and value words and its row scales and zeros are copied to
+  shared memory one unit ahead (:func:`_ts_issue`, :func:`_ts_layouts`; the scales as words of two rows, so a stage
+  starts at an even row and a head at an odd row starts one row early) and read back in the register layouts.
 * Registers are capped at 168 per thread, so 3 one-warp programs fit per scheduler (12 per SM).
 * Launch: as many one-warp programs as fit on the GPU at once (:func:`resident_programs`, from the compiled kernel's
   registers and shared memory), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
