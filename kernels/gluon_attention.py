@@ -58,7 +58,9 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
   tickets 0 .. units - 1, and ``atom.inc`` bounded by the last one wraps the counter back to 0 with the final draw
   (:func:`counters`: one zeroed buffer per plan, no memset per launch). Run-to-run results then differ in rounding;
   ``torch.use_deterministic_algorithms(True)`` (or ``KV_GLUON_DYNAMIC=0``), read at each launch, gives the static
-  ranges.
+  ranges. The half-tile staged kernels (KIVI 2-bit, QAQ's rows) draw a unit's successor at the unit's start and
+  issue its copies after the unit's scores (:data:`DRAW_LATE`), so that a program holds one unit beyond the one it
+  computes and a head's programs end closer together.
 * Token and channel permutations are free: the softmax sums over tokens, scores are stored at their physical
   columns and the output at its physical channels.
 
@@ -125,6 +127,10 @@ RAW_C = os.environ.get("KV_GLUON_RAWC", "1") == "1"
 # TokenQuant rows of 2 or 4 bits with raw values (QAQ's rows without outliers), fp16: each half tile's key and value
 # words, scales and zeros staged in shared memory one unit ahead (section "staged rows"; 0: loaded into registers)
 TSTAGE = os.environ.get("KV_GLUON_TSTAGE", "1") == "1"
+# half-tile staged kernels (KIVI 2-bit, QAQ's rows) with the dynamic schedule: draw the next unit's ticket at the
+# start of a unit and issue its copies after the unit's scores, so that a program holds one unit beyond the one it
+# computes instead of two (0: the copies of the next unit at the unit's start, its successor's ticket drawn then)
+DRAW_LATE = os.environ.get("KV_GLUON_DRAW_LATE", "1") == "1"
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -1776,7 +1782,8 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
           K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr,
           MASKED: gl.constexpr, STAGED: gl.constexpr, BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr,
           V_OUT: gl.constexpr, K_RAW: gl.constexpr, V_RAW: gl.constexpr, K_CRAW: gl.constexpr, vw_st=0, vs_st=0,
-          vz_st=0, vst=0, K_TS: gl.constexpr = False):
+          vz_st=0, vst=0, K_TS: gl.constexpr = False, LATE: gl.constexpr = False, draw=0, nsp=0, total=0, abeg=0,
+          hk=0, hks=0, hkz=0, hv=0, hvs=0, hvz=0):
     """Half ``w`` (chunks 4w .. 4w+3) of the 128-token tile at ``T0``: scores of its 4 chunks, online softmax,
     ``P V``. ChannelQuant halves keep only half of each lane's key words in registers; with ``STAGED`` the key words
     come from the shared-memory views ``kw_st`` / ``ks_st`` / ``kz_st`` of this tile's stage, otherwise from global
@@ -1940,6 +1947,19 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
                K_CRAW)
     s3 = _seen(s3, 3, T8, kbeg, cnt, new0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, WANT_SCORES, MASKED,
                K_CRAW)
+    if LATE:  # the next unit (ticket drawn at this unit's start) copied into the other stage now (_hstep)
+        nxt = nsp + _ticket(draw)
+        if nxt < total:
+            Tn = abeg + nxt * 64
+            if K_TS:
+                _ts_issue(hk, hks, hkz, hv, hvs, hvz, 1 - vst, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
+                          v_scale, v_zero, k_nrows, v_nrows, K_BITS, V_BITS)
+            else:
+                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - vst, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
+                          v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
+        async_copy.commit_group()
+    else:
+        nxt = 0
     mx = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
     m_new = gl.maximum(m_i, gl.max(mx, 0))
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -2023,7 +2043,7 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         _vd_clear(a2, e2, b2, f2)
         _BARRIER()
         _vd_clear(a3, e3, b3, f3)
-    return acc, m_new, l_i, za
+    return acc, m_new, l_i, za, nxt
 
 
 @gluon.jit
@@ -2056,13 +2076,13 @@ def _step(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, T_next, abeg, k
         ks_st = 0
         kz_st = 0
     if inner:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0,
+        acc, m_i, l_i, za, _ = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0,
                               k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
                               krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
                               LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
                               WANT_SCORES, False, STAGE_K, BF16, K_TOK, K_OUT, V_OUT, K_RAW, V_RAW, K_CRAW)
     else:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0,
+        acc, m_i, l_i, za, _ = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0,
                               k_data, k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, kc_off, ks_off,
                               krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
                               LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS, K_GROUP, V_BITS, V_GROUP,
@@ -2078,22 +2098,27 @@ def _hstep(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, n_next, abeg, 
            k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col,
            LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs, rvz, K_BITS: gl.constexpr, K_GROUP: gl.constexpr,
            V_BITS: gl.constexpr, V_GROUP: gl.constexpr, WANT_SCORES: gl.constexpr, BF16: gl.constexpr,
-           V_RAW: gl.constexpr, K_RAW: gl.constexpr = False, K_TS: gl.constexpr = False):
+           V_RAW: gl.constexpr, K_RAW: gl.constexpr = False, K_TS: gl.constexpr = False,
+           LATE: gl.constexpr = False, draw=0, nsp=0, total=0):
     """Half tile ``ht`` of the head for raw ChannelQuant keys (or staged rows, ``K_TS``): the next unit (half tile
     ``n_next``, when ``issue_next``) is copied into the other stage, this one's stage ``st`` is waited for and computed
     (:func:`_half` with the stage's views). ``v_scale`` / ``v_zero``: int32 pointers (the copies move words; fp16 for
-    staged rows)."""
+    staged rows). ``LATE`` (:data:`DRAW_LATE`): the next unit is half tile ``nsp`` + the ticket ``draw`` (drawn at
+    this unit's start), copied after this unit's scores (in :func:`_half`); returns it (or a number >= ``total``)."""
     st = st.to(gl.int32)
-    if issue_next:
-        Tn = abeg + n_next * 64
-        if K_TS:
-            _ts_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
-                      v_scale, v_zero, k_nrows, v_nrows, K_BITS, V_BITS)
-        else:
-            _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
-                      v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
-    async_copy.commit_group()
-    async_copy.wait_group(1)  # this unit's copies have landed
+    if LATE:
+        async_copy.wait_group(0)  # this unit's copies (the only ones in flight) have landed
+    else:
+        if issue_next:
+            Tn = abeg + n_next * 64
+            if K_TS:
+                _ts_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
+                          v_scale, v_zero, k_nrows, v_nrows, K_BITS, V_BITS)
+            else:
+                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
+                          v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
+        async_copy.commit_group()
+        async_copy.wait_group(1)  # this unit's copies have landed
     _BARRIER()
     T0 = abeg + (ht // 2) * 128
     w = ht % 2
@@ -2108,19 +2133,21 @@ def _hstep(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, n_next, abeg, 
         ksv = rks.index(st)
         kzv = rkz.index(st)
     if inner:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
-                                  k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0, 0, trow, qcol,
-                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, kv, ksv, kzv,
-                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, True, BF16, K_TS,
-                                  0, 0, K_RAW, V_RAW, not K_TS, rv, rvs, rvz, st, K_TS)
+        acc, m_i, l_i, za, nxt = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data,
+                                       k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0,
+                                       0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kv, ksv, kzv,
+                                       0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, False, True, BF16,
+                                       K_TS, 0, 0, K_RAW, V_RAW, not K_TS, rv, rvs, rvz, st, K_TS, LATE, draw, nsp,
+                                       total, abeg, hk, hks, hkz, hv, hvs, hvz)
     else:
-        acc, m_i, l_i, za = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2,
-                                  k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0, 0, trow, qcol,
-                                  s_ptr, hd, M, NMAX, COLBASE, col, LQ, kv, ksv, kzv,
-                                  0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, True, BF16, K_TS,
-                                  0, 0, K_RAW, V_RAW, not K_TS, rv, rvs, rvz, st, K_TS)
+        acc, m_i, l_i, za, nxt = _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data,
+                                       k_scale2, k_zero2, v_data, v_scale, v_zero, k_nrows, v_nrows, 0, 0, 0, 0, 0, 0,
+                                       0, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, kv, ksv, kzv,
+                                       0, 0, 0, 0, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, True, True, BF16,
+                                       K_TS, 0, 0, K_RAW, V_RAW, not K_TS, rv, rvs, rvz, st, K_TS, LATE, draw, nsp,
+                                       total, abeg, hk, hks, hkz, hv, hvs, hvz)
     _BARRIER()  # every lane has read this stage before it is refilled
-    return acc, m_i, l_i, za
+    return acc, m_i, l_i, za, nxt
 
 
 @gluon.jit
@@ -2152,7 +2179,7 @@ def _kivi_attn_kernel(
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
     K_RAW: gl.constexpr = False, V_RAW: gl.constexpr = False, K_CRAW: gl.constexpr = False,
-    K_TS: gl.constexpr = False,
+    K_TS: gl.constexpr = False, LATE: gl.constexpr = False,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
@@ -2351,13 +2378,22 @@ def _kivi_attn_kernel(
             uc = sp * 0  # units done (the stage parity)
             while ht < 2 * ntiles:
                 draw = _grab(ctr_ptr + hd, last)
-                acc, m_i, l_i, za = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, uc % 2, nxt < 2 * ntiles, nxt, abeg,
-                                           kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2,
-                                           k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX, COLBASE, col, LQ, hk, hks,
-                                           hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs, rvz, K_BITS, K_GROUP, V_BITS,
-                                           V_GROUP, WANT_SCORES, BF16, V_RAW, K_RAW, K_TS)
-                ht = nxt
-                nxt = 2 * NSPLIT + _ticket(draw)
+                if LATE:  # the ticket is this unit's successor (NSPLIT + ticket), copied after its scores
+                    acc, m_i, l_i, za, ht = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, uc % 2, False, 0, abeg,
+                                                   kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale2,
+                                                   v_zero2, k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX, COLBASE,
+                                                   col, LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs, rvz,
+                                                   K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, BF16, V_RAW, K_RAW,
+                                                   K_TS, True, draw, NSPLIT, 2 * ntiles)
+                else:
+                    acc, m_i, l_i, za, _ = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, uc % 2, nxt < 2 * ntiles,
+                                                  nxt, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data,
+                                                  v_scale2, v_zero2, k_nrows, v_nrows, trow, qcol, s_ptr, hd, M, NMAX,
+                                                  COLBASE, col, LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs,
+                                                  rvz, K_BITS, K_GROUP, V_BITS, V_GROUP, WANT_SCORES, BF16, V_RAW,
+                                                  K_RAW, K_TS)
+                    ht = nxt
+                    nxt = 2 * NSPLIT + _ticket(draw)
                 uc += 1
         else:
             if t_lo < t_hi:
@@ -2369,7 +2405,7 @@ def _kivi_attn_kernel(
                               k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
             async_copy.commit_group()
             for ht in range(2 * t_lo, 2 * t_hi):
-                acc, m_i, l_i, za = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, (ht - 2 * t_lo) % 2,
+                acc, m_i, l_i, za, _ = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, (ht - 2 * t_lo) % 2,
                                            ht + 1 < 2 * t_hi, ht + 1, abeg, kbeg, vbeg, cnt, new0, k_data, k_scale2,
                                            k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, trow, qcol, s_ptr, hd,
                                            M, NMAX, COLBASE, col, LQ, hk, hks, hkz, hv, hvs, hvz, rk, rks, rkz, rv, rvs,
@@ -2608,7 +2644,7 @@ _RESIDENT: dict = {}
 def _consts(plan, want_scores: bool, m: int) -> dict:
     """Compile-time and launch options of ``plan``'s kernel for ``m`` query rows per KV head."""
     tok = key_tokenquant(plan.k)
-    return dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
+    c = dict(K_BITS=plan.k.bits, K_GROUP=plan.k.group, V_BITS=plan.v.bits, V_GROUP=plan.v.group,
                 UNIFORM=plan.uniform, WANT_SCORES=want_scores, STAGE_K=staged(plan.k.bits, tok),
                 DYNAMIC=plan.counters is not None and dynamic_enabled(),
                 BF16=plan.k.scale.dtype == torch.bfloat16, K_TOK=tok, K_OUT=_slots_of(plan.k, False),
@@ -2622,6 +2658,8 @@ def _consts(plan, want_scores: bool, m: int) -> dict:
                                  plan.k.scale.dtype == torch.bfloat16, _slots_of(plan.k, False),
                                  _slots_of(plan.v, True)) and rows_stageable(plan),
                 num_warps=1, maxnreg=MAXNREG)
+    c["LATE"] = DRAW_LATE and c["DYNAMIC"] and (c["K_CRAW"] or c["K_TS"])
+    return c
 
 
 def key_tokenquant(kspec) -> bool:
@@ -2774,6 +2812,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
                  V_RAW=raw_values(v_bits, v_group, bf16, v_out),
                  K_CRAW=raw_channel_keys(k_bits, k_group, k_tok, bf16, m, v_bits, v_group),
                  K_TS=staged_rows(k_bits, k_group, k_tok, v_bits, v_group, bf16, k_out, v_out))
+    const["LATE"] = DRAW_LATE and dynamic and (const["K_CRAW"] or const["K_TS"])
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names
