@@ -102,7 +102,8 @@ def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
     """A head-dim-128 fp16 KIVI cache (ChannelQuant keys), QAQ cache with or without its outliers (each row's
     extremes at the default ratio; 2, 3 or 4 bits, or its attention-aware mix, whose values are mostly 0 or 1 bit)
     or MiKV cache (TokenQuant keys: its low-precision tokens, 3 bits by default) decodes through the
-    Gluon kernel (checked) with the reference path's logits (fp16 tolerance), and 40 more decode steps over the
+    Gluon kernel (checked; QAQ's rows without outliers staged in shared memory) with the reference path's logits (fp16
+    tolerance), and 40 more decode steps over the
     growing cache do not compile it again (but for a new outlier variant)."""
     from kernels import gluon_attention as ga
 
@@ -123,6 +124,8 @@ def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
         assert any(dict(c)["K_OUT"] > 0 and dict(c)["V_OUT"] > 0 for c in variants), variants
     if "bits=3" in spec or spec == "mikv:budget=0.5":  # 3-bit parts (MiKV's default) on the kernel
         assert any(dict(c)["K_BITS"] == 3 and dict(c)["V_BITS"] == 3 for c in variants), variants
+    if "outliers=0" in spec:  # QAQ's rows without outliers: staged in shared memory (the cache's parts qualify)
+        assert any(dict(c)["K_TS"] for c in variants), variants
     if spec == "qaq":  # its default bounds: 0- and 1-bit values beside 2-4-bit keys
         assert any(dict(c)["V_BITS"] <= 1 for c in variants), variants
     err = float((out["triton"] - out["reference"]).norm() / out["reference"].norm())
