@@ -977,13 +977,14 @@ def test_pairs_on_side_streams(monkeypatch):
 
 
 @gpu_only
-@pytest.mark.parametrize("kf,kbits", [("C", 2), ("C", 4), ("T", 2)])
-def test_gluon_dynamic_schedule(kf, kbits, monkeypatch, gluon_strict):
+@pytest.mark.parametrize("kf,kbits,group", [("C", 2, 32), ("C", 4, 32), ("T", 2, 32), ("T", 2, 128), ("T", 4, 128)])
+def test_gluon_dynamic_schedule(kf, kbits, group, monkeypatch, gluon_strict):
     """The Gluon kernel's dynamic schedule (programs draw units from a per-head counter): with 1 to 24 programs per
     head over up to 180 units, ragged heads (one empty, one of a single token), every unit is done exactly once (the
     output matches float64 and the static schedule), the counters are back at zero after every launch (also across
     CUDA-graph replays, where the same counters serve again), and with deterministic algorithms asked for, the
-    static schedule runs: bitwise the same output every time."""
+    static schedule runs: bitwise the same output every time. KIVI 2-bit and QAQ's rows (``group`` 128: one scale
+    per row) are the half-tile staged kernels, whose units' successors are drawn late (``DRAW_LATE``: checked)."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -992,12 +993,15 @@ def test_gluon_dynamic_schedule(kf, kbits, monkeypatch, gluon_strict):
     H, d, M = 5, 128, 4
     counts = (90 * 128, 32 * 7, 64, 128 * 40 + 32, 32 * 3)
     starts, cnts = [5, 0, 0, 17, 1], [90 * 128 - 5, 32 * 7, 0, 128 * 40, 1]
-    k_part = _make(kf, counts, d, kbits, 32, torch.float16, g, 0)
-    v_part = _make("T", counts, d, kbits, 32, torch.float16, g, 0)
+    k_part = _make(kf, counts, d, kbits, group, torch.float16, g, 0)
+    v_part = _make("T", counts, d, kbits, group, torch.float16, g, 0)
     ko = dispatch._offsets(counts)
     q = _randn(H, M, d, g=g, dtype=torch.float16)
     o64, l64, _ = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
     fin = torch.isfinite(l64)
+    staged = PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
+                      [ko[h] + starts[h] for h in range(H)], cnts, nsplit=7, device=DEV)
+    assert ga._consts(staged, False, M)["LATE"] == ((kf, kbits) == ("C", 2) or group == 128)
 
     def plan(nsplit=None):
         return PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
