@@ -752,6 +752,7 @@ def test_gluon_staged_rows(kbits, vbits, monkeypatch, gluon_strict):
     offs = dispatch._offsets(counts)
     rows = [offs[h] + starts[h] for h in range(H)]
     assert {r % 2 for r in rows} == {0, 1} and sum(counts) % 2 == 1
+    monkeypatch.setattr(ga, "TSTAGE", True)  # whatever the environment says
     plan = PairPlan(PartSpec(k_part), PartSpec(v_part), rows, rows, cnts, nsplit=6, newr=newr, device=DEV)
     assert ga._consts(plan, True, M)["K_TS"]
     taken = []
@@ -977,14 +978,17 @@ def test_pairs_on_side_streams(monkeypatch):
 
 
 @gpu_only
-@pytest.mark.parametrize("kf,kbits,group", [("C", 2, 32), ("C", 4, 32), ("T", 2, 32), ("T", 2, 128), ("T", 4, 128)])
-def test_gluon_dynamic_schedule(kf, kbits, group, monkeypatch, gluon_strict):
+@pytest.mark.parametrize("kf,kbits,group,draw_late", [("C", 2, 32, True), ("C", 4, 32, True), ("T", 2, 32, True),
+                                                      ("T", 2, 128, True), ("T", 4, 128, True), ("C", 2, 32, False),
+                                                      ("T", 4, 128, False)])
+def test_gluon_dynamic_schedule(kf, kbits, group, draw_late, monkeypatch, gluon_strict):
     """The Gluon kernel's dynamic schedule (programs draw units from a per-head counter): with 1 to 24 programs per
     head over up to 180 units, ragged heads (one empty, one of a single token), every unit is done exactly once (the
     output matches float64 and the static schedule), the counters are back at zero after every launch (also across
     CUDA-graph replays, where the same counters serve again), and with deterministic algorithms asked for, the
     static schedule runs: bitwise the same output every time. KIVI 2-bit and QAQ's rows (``group`` 128: one scale
-    per row) are the half-tile staged kernels, whose units' successors are drawn late (``DRAW_LATE``: checked)."""
+    per row) are the half-tile staged kernels, whose units' successors are drawn late (``DRAW_LATE``: checked; also
+    switched off)."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan, attend_pairs
     from kernels.triton_tiles import PartSpec
@@ -999,9 +1003,12 @@ def test_gluon_dynamic_schedule(kf, kbits, group, monkeypatch, gluon_strict):
     q = _randn(H, M, d, g=g, dtype=torch.float16)
     o64, l64, _ = _ref64(q, k_part, v_part, d ** -0.5, starts, cnts)
     fin = torch.isfinite(l64)
+    monkeypatch.setattr(ga, "DRAW_LATE", draw_late)
+    monkeypatch.setattr(ga, "TSTAGE", True)
+    monkeypatch.setattr(ga, "RAW_C", True)
     staged = PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
                       [ko[h] + starts[h] for h in range(H)], cnts, nsplit=7, device=DEV)
-    assert ga._consts(staged, False, M)["LATE"] == ((kf, kbits) == ("C", 2) or group == 128)
+    assert ga._consts(staged, False, M)["LATE"] == (draw_late and ((kf, kbits) == ("C", 2) or group == 128))
 
     def plan(nsplit=None):
         return PairPlan(PartSpec(k_part), PartSpec(v_part), [ko[h] + starts[h] for h in range(H)],
@@ -1544,9 +1551,39 @@ def test_gluon_row_stage_layouts(kb, vb):
         assert row == 8 * (m % 8) + m // 8 + 2 * i, (p16, row, m)
         h, r = _apply_bases(tsc, q)
         assert row == 8 * r + h + 2 * i
-    for i in range(4):
-        words = {(16 * i + q) >> 1 for q in range(16)}
-        assert len(words) == 8 and len({w % 32 for w in words}) == 8
+    for i in range(4):  # a chunk's scale read: lane row r holds score rows r and r + 8, one word, own bank
+        where = {}
+        for q in range(16):
+            (m,) = _apply_bases(mr, q)
+            where.setdefault(m % 8, set()).add((16 * i + q) >> 1)
+        assert len(where) == 8 and all(len(w) == 1 for w in where.values())
+        assert len({min(w) % 32 for w in where.values()}) == 8
+
+
+def test_gluon_staged_rows_gate():
+    """Staged rows need what their copies need: the words 16-byte aligned, the row scales and zeros 4-byte aligned
+    (copied as words of two rows), every head's first key and value rows of one parity; and the formats of
+    :func:`staged_rows` (2/4 bits, one scale per row, raw values, no outliers)."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from types import SimpleNamespace as NS
+
+    from kernels import gluon_attention as ga
+
+    words = torch.zeros(64, dtype=torch.int32)
+    halves = torch.zeros(66, dtype=torch.float16)
+    part = NS(data=words, scale=halves[:64], zero=halves[2:], bits=2)
+    assert ga.rows_stageable(NS(k=part, v=part, kv_parity=True))
+    assert not ga.rows_stageable(NS(k=part, v=part, kv_parity=False))
+    odd = NS(data=words, scale=halves[1:65], zero=halves[2:], bits=2)  # a scale view at an odd fp16 offset
+    assert not ga.rows_stageable(NS(k=part, v=odd, kv_parity=True))
+    shifted = NS(data=torch.zeros(68, dtype=torch.int32)[1:], scale=halves[:64], zero=halves[2:], bits=2)
+    assert not ga.rows_stageable(NS(k=shifted, v=part, kv_parity=True))
+    if ga.TSTAGE and ga.RAW_V:
+        assert ga.staged_rows(2, 128, True, 4, 128, False, 0, 0) and ga.staged_rows(4, 128, True, 2, 128, False, 0, 0)
+    for args in [(3, 128, True, 3, 128, False, 0, 0), (2, 32, True, 2, 128, False, 0, 0), (2, 128, False, 2, 128,
+                 False, 0, 0), (2, 128, True, 2, 128, True, 0, 0), (2, 128, True, 2, 128, False, 2, 0),
+                 (2, 128, True, 2, 128, False, 0, 2), (2, 128, True, 3, 128, False, 0, 0)]:
+        assert not ga.staged_rows(*args), args
 
 
 @pytest.mark.parametrize("bits", [2, 4])
