@@ -1509,6 +1509,12 @@ def _ts_rows(st, c):
 
 
 @gluon.jit
+def _ts_sz(s_st, z_st, c):
+    """Chunk ``c``'s row scales and zeros from the stage views (:func:`_ts_rows`)."""
+    return _ts_rows(s_st, c), _ts_rows(z_st, c)
+
+
+@gluon.jit
 def _ts_tsc(st, c):
     """Chunk ``c``'s row scales (zeros) for the pair keys from the stage view ``st`` (:func:`_ts_layout` 3), fp16 in
     :data:`TSC`."""
@@ -1517,11 +1523,23 @@ def _ts_tsc(st, c):
 
 
 @gluon.jit
+def _ts_tsc_sz(s_st, z_st, c):
+    """Chunk ``c``'s row scales and zeros for the pair keys from the stage views (:func:`_ts_tsc`)."""
+    return _ts_tsc(s_st, c), _ts_tsc(z_st, c)
+
+
+@gluon.jit
 def _tsc_rows(scale, T, nrows):
     """The row scales (zeros) of rows ``T + 8 r + h`` in :data:`TSC` from global memory (0 outside the part)."""
     h, r, a = _idx3(TSC, 2, 8, 4)
     row = T + 8 * r + h
     return gl.load(scale + row, mask=(row >= 0) & (row < nrows), other=0.0)
+
+
+@gluon.jit
+def _tsc_sz(scale, zero, T, nrows):
+    """The row scales and zeros of rows ``T + 8 r + h`` from global memory (:func:`_tsc_rows`)."""
+    return _tsc_rows(scale, T, nrows), _tsc_rows(zero, T, nrows)
 
 
 @gluon.jit
@@ -1814,32 +1832,20 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
             sk3 = k_scale2
             zk3 = k_zero2
         elif MASKED:
-            sk0 = _tsc_rows(k_scale2, T8, k_nrows)
-            zk0 = _tsc_rows(k_zero2, T8, k_nrows)
-            sk1 = _tsc_rows(k_scale2, T8 + 2, k_nrows)
-            zk1 = _tsc_rows(k_zero2, T8 + 2, k_nrows)
-            sk2 = _tsc_rows(k_scale2, T8 + 4, k_nrows)
-            zk2 = _tsc_rows(k_zero2, T8 + 4, k_nrows)
-            sk3 = _tsc_rows(k_scale2, T8 + 6, k_nrows)
-            zk3 = _tsc_rows(k_zero2, T8 + 6, k_nrows)
+            sk0, zk0 = _tsc_sz(k_scale2, k_zero2, T8, k_nrows)
+            sk1, zk1 = _tsc_sz(k_scale2, k_zero2, T8 + 2, k_nrows)
+            sk2, zk2 = _tsc_sz(k_scale2, k_zero2, T8 + 4, k_nrows)
+            sk3, zk3 = _tsc_sz(k_scale2, k_zero2, T8 + 6, k_nrows)
         elif K_RAW:
-            sk0 = _ts_rows(ks_st, c0)
-            zk0 = _ts_rows(kz_st, c0)
-            sk1 = _ts_rows(ks_st, c0 + 1)
-            zk1 = _ts_rows(kz_st, c0 + 1)
-            sk2 = _ts_rows(ks_st, c0 + 2)
-            zk2 = _ts_rows(kz_st, c0 + 2)
-            sk3 = _ts_rows(ks_st, c0 + 3)
-            zk3 = _ts_rows(kz_st, c0 + 3)
+            sk0, zk0 = _ts_sz(ks_st, kz_st, c0)
+            sk1, zk1 = _ts_sz(ks_st, kz_st, c0 + 1)
+            sk2, zk2 = _ts_sz(ks_st, kz_st, c0 + 2)
+            sk3, zk3 = _ts_sz(ks_st, kz_st, c0 + 3)
         else:
-            sk0 = _ts_tsc(ks_st, c0)
-            zk0 = _ts_tsc(kz_st, c0)
-            sk1 = _ts_tsc(ks_st, c0 + 1)
-            zk1 = _ts_tsc(kz_st, c0 + 1)
-            sk2 = _ts_tsc(ks_st, c0 + 2)
-            zk2 = _ts_tsc(kz_st, c0 + 2)
-            sk3 = _ts_tsc(ks_st, c0 + 3)
-            zk3 = _ts_tsc(kz_st, c0 + 3)
+            sk0, zk0 = _ts_tsc_sz(ks_st, kz_st, c0)
+            sk1, zk1 = _ts_tsc_sz(ks_st, kz_st, c0 + 1)
+            sk2, zk2 = _ts_tsc_sz(ks_st, kz_st, c0 + 2)
+            sk3, zk3 = _ts_tsc_sz(ks_st, kz_st, c0 + 3)
         klo = 0
         khi = 0
         ksc = 0
@@ -1978,14 +1984,10 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     p3 = gl.exp2(s3 - ms)
     if V_RAW:  # raw values: P^T times each token's scale, the zeros' term per query in za (summed at the end)
         if K_TS and not MASKED:
-            sv0 = _ts_rows(vs_st, c0)
-            zv0 = _ts_rows(vz_st, c0)
-            sv1 = _ts_rows(vs_st, c0 + 1)
-            zv1 = _ts_rows(vz_st, c0 + 1)
-            sv2 = _ts_rows(vs_st, c0 + 2)
-            zv2 = _ts_rows(vz_st, c0 + 2)
-            sv3 = _ts_rows(vs_st, c0 + 3)
-            zv3 = _ts_rows(vz_st, c0 + 3)
+            sv0, zv0 = _ts_sz(vs_st, vz_st, c0)
+            sv1, zv1 = _ts_sz(vs_st, vz_st, c0 + 1)
+            sv2, zv2 = _ts_sz(vs_st, vz_st, c0 + 2)
+            sv3, zv3 = _ts_sz(vs_st, vz_st, c0 + 3)
         else:
             sv0, zv0 = _rows_sz(v_scale, v_zero, vrow0 + trow, v_nrows, 1.0, MASKED)
             sv1, zv1 = _rows_sz(v_scale, v_zero, vrow0 + trow + 2, v_nrows, 1.0, MASKED)
@@ -2349,7 +2351,6 @@ def _kivi_attn_kernel(
             rv = _view(hv, [8, 8, 2, 4, 2], _ts_layout(K_BITS, V_BITS, 2, True))
         rvs = _REINTERPRET(hvs, gl.float16, [8, 16], _ts_layout(K_BITS, V_BITS, 1, True))
         rvz = _REINTERPRET(hvz, gl.float16, [8, 16], _ts_layout(K_BITS, V_BITS, 1, True))
-        NG: gl.constexpr = 1
         v_scale2 = v_scale  # fp16: _ts_issue copies words, the masked halves load rows
         v_zero2 = v_zero
     elif STAGE_K:
