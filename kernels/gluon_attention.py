@@ -102,6 +102,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from kernels import fast_launch
+
 ENABLED = os.environ.get("KV_GLUON", "1") == "1"
 # programs per SM (splits per head follow from it): by default as many as fit at once (the compiled kernel's
 # registers decide), so every program of a launch is resident in one wave; the env var forces a number
@@ -2760,7 +2762,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
         if key not in _CHECKED:
             _check_smem(_kivi_attn_kernel.warmup(*args, grid=(H, plan.nsplit), **consts), True)
             _CHECKED.add(key)
-    _kivi_attn_kernel[(H, plan.nsplit)](*args, **consts)
+    fast_launch.launch(_kivi_attn_kernel, (H, plan.nsplit), args, consts)
 
 
 _CHECKED: set = set()

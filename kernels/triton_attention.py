@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import fast_launch
 from kernels.triton_tiles import (
     CHANNEL,
     DENSE,
@@ -381,18 +382,18 @@ def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_o
     H, M, D = q.shape
     want = scores is not None
     one_block = plan.fold_k and plan.k.group % BLOCK_N == 0  # per-channel keys, one quantization block per tile
-    _attn_split_kernel[(H, plan.nsplit)](
+    fast_launch.launch(_attn_split_kernel, (H, plan.nsplit), (
         q, out_p, lse_p, scores if want else lse_p, *plan.args,
         plan.meta if plan.meta is not None else lse_p, *plan.scalars, plan.k.nrows, plan.v.nrows, M,
-        scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale),
-        **plan.consts, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=max(16, triton.next_power_of_2(M)),
-        BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, UNIFORM=plan.uniform, ALIGN=plan.align, WANT_SCORES=want,
-        F32=q.dtype == torch.float32, K_FOLD=FOLD_K and one_block,
-        V_HALF=HALF_V and plan.half_v and q.dtype == torch.float16,
-        K_HALF=HALF_K and one_block and q.dtype == torch.float16,
-        PAIR_ASM=_pair_asm_ok(q),
-        num_warps=PACKED_WARPS if plan.packed else NUM_WARPS, num_stages=PACKED_STAGES if plan.packed else NUM_STAGES,
-    )
+        scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off, s_total, plan.nsplit, float(scale)),
+        dict(**plan.consts, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=max(16, triton.next_power_of_2(M)),
+             BLOCK_N=BLOCK_N, BLOCK_O=BLOCK_O, UNIFORM=plan.uniform, ALIGN=plan.align, WANT_SCORES=want,
+             F32=q.dtype == torch.float32, K_FOLD=FOLD_K and one_block,
+             V_HALF=HALF_V and plan.half_v and q.dtype == torch.float16,
+             K_HALF=HALF_K and one_block and q.dtype == torch.float16,
+             PAIR_ASM=_pair_asm_ok(q),
+             num_warps=PACKED_WARPS if plan.packed else NUM_WARPS,
+             num_stages=PACKED_STAGES if plan.packed else NUM_STAGES))
 
 
 def merge_splits(out_p: torch.Tensor, lse_p: torch.Tensor, stride_h: int, stride_s: int, n_heads: int,
@@ -406,8 +407,8 @@ def merge_splits(out_p: torch.Tensor, lse_p: torch.Tensor, stride_h: int, stride
     # of 32 outputs that weighed each element by its own lse load, 8 splits per step (three rounds of loads)
     block_d = triton.next_power_of_2(D)
     block_s = min(triton.next_power_of_2(max(n_splits, 1)), max(1, 4096 // block_d))
-    _merge_kernel[(n_heads, M)](out_p, lse_p, out, lse, M, n_splits, stride_h, stride_s, D=D, BLOCK_D=block_d,
-                                BLOCK_S=block_s, num_warps=1)
+    fast_launch.launch(_merge_kernel, (n_heads, M), (out_p, lse_p, out, lse, M, n_splits, stride_h, stride_s),
+                       dict(D=D, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=1))
     return out, lse
 
 

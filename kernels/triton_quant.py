@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import fast_launch
 from kernels.triton_tiles import PartSpec, _pow2, bit_or, load_tile, new_empty, rint
 
 
@@ -144,8 +145,9 @@ def quantize_tokens(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype |
         block_d = triton.next_power_of_2(d)
         fast = _pow2(per) and d == block_d and d % per == 0
         block_r = max(1, min(32, 4096 // block_d))
-        _quant_tokens_kernel[(triton.cdiv(n, block_r),)](x, words, scale, zero, n, BITS=bits, GROUP=group, PER=per,
-                                                         WPR=wpr, D=d, BLOCK_D=block_d, BLOCK_R=block_r, FAST=fast)
+        fast_launch.launch(_quant_tokens_kernel, (triton.cdiv(n, block_r),), (x, words, scale, zero, n),
+                           dict(BITS=bits, GROUP=group, PER=per, WPR=wpr, D=d, BLOCK_D=block_d, BLOCK_R=block_r,
+                                FAST=fast))
     return words, scale, zero
 
 
@@ -170,9 +172,9 @@ def quantize_channels(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype
         block_g = triton.next_power_of_2(group)
         fast = _pow2(per) and group == block_g and group % per == 0
         block_d = max(1, min(triton.next_power_of_2(d), 4096 // block_g))
-        _quant_channels_kernel[(nb, triton.cdiv(d, block_d))](x, words, scale, zero, BITS=bits, GROUP=group, PER=per,
-                                                              WPR=wpr, D=d, BLOCK_G=block_g, BLOCK_D=block_d,
-                                                              FAST=fast)
+        fast_launch.launch(_quant_channels_kernel, (nb, triton.cdiv(d, block_d)), (x, words, scale, zero),
+                           dict(BITS=bits, GROUP=group, PER=per, WPR=wpr, D=d, BLOCK_G=block_g, BLOCK_D=block_d,
+                                FAST=fast))
     return words, scale, zero
 
 
@@ -184,9 +186,9 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     codes = new_empty((*lead, n), torch.int32, words.device)
     if rows and n:
         block_c = min(128, triton.next_power_of_2(n))
-        _unpack_kernel[(triton.cdiv(rows, 16), triton.cdiv(n, block_c))](words.contiguous(), codes, rows, n, BITS=bits,
-                                                                        PER=per, WPR=wpr, BLOCK_R=16,
-                                                                        BLOCK_C=block_c)
+        fast_launch.launch(_unpack_kernel, (triton.cdiv(rows, 16), triton.cdiv(n, block_c)),
+                           (words.contiguous(), codes, rows, n),
+                           dict(BITS=bits, PER=per, WPR=wpr, BLOCK_R=16, BLOCK_C=block_c))
     return codes
 
 
@@ -196,7 +198,7 @@ def dequant_part(part, csr=None, block_n: int = 32) -> torch.Tensor:
     out = new_empty((spec.nrows, spec.d), torch.float32, spec.data.device)
     if spec.nrows:
         fast = spec.fast and (spec.fmt != 2 or block_n % spec.per == 0)
-        _dequant_kernel[(triton.cdiv(spec.nrows, block_n),)](out, *spec.args(), spec.nrows, **spec.consts("", fast),
-                                                             D=spec.d, BLOCK_N=block_n,
-                                                             BLOCK_D=triton.next_power_of_2(spec.d), BLOCK_O=16)
+        fast_launch.launch(_dequant_kernel, (triton.cdiv(spec.nrows, block_n),), (out, *spec.args(), spec.nrows),
+                           dict(**spec.consts("", fast), D=spec.d, BLOCK_N=block_n,
+                                BLOCK_D=triton.next_power_of_2(spec.d), BLOCK_O=16))
     return out

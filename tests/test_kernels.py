@@ -1049,6 +1049,56 @@ def test_gluon_dynamic_schedule(kf, kbits, group, draw_late, monkeypatch, gluon_
         assert torch.equal(attend_pairs(q, [p], d ** -0.5)[0], first)
 
 
+@gpu_only
+@pytest.mark.parametrize("kf,kbits,group,outliers", [("C", 2, 32, 0), ("T", 4, 128, 60), ("T", 8, 32, 0)])
+def test_fast_relaunch_matches_jit(kf, kbits, group, outliers, monkeypatch):
+    """Kernels relaunched from the cache of :mod:`kernels.fast_launch` (the Gluon kernel for KIVI 2-bit and for QAQ's
+    rows with outliers, the Triton kernel for 8-bit keys, and the merge) give bitwise the outputs of the JIT launch
+    over several calls with fresh queries and scores asked for or not (static schedule, so the work is
+    deterministic); a merge of partials at an address that is not 16-byte aligned, after aligned ones were merged,
+    gets a kernel of its own (the alignment is in the key) and the right result."""
+    from kernels import fast_launch
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan, attend_pairs, merge_splits
+    from kernels.triton_tiles import PartSpec
+
+    monkeypatch.setattr(ga, "DYNAMIC", False)
+    g = _gen(5 + kbits)
+    H, d, M = 3, 128, 4
+    counts = (128 * 9 + 32, 128 * 4, 96)
+    k_part = _make(kf, counts, d, kbits, group, torch.float16, g, outliers)
+    v_part = _make("T", counts, d, min(kbits, 4), group, torch.float16, g, outliers)
+    ko = dispatch._offsets(counts)
+    kspec, vspec = PartSpec(k_part, dispatch.outlier_csr(k_part)), PartSpec(v_part, dispatch.outlier_csr(v_part))
+    plan = PairPlan(kspec, vspec, ko[:H], ko[:H], list(counts), device=DEV)
+    assert plan.gluon == (kbits != 8) and kspec.has_out == bool(outliers)
+    for step in range(3):
+        q = _randn(H, M, d, g=g, dtype=torch.float16)
+        want = step == 1
+        runs = []
+        for enabled in (False, True, True):
+            monkeypatch.setattr(fast_launch, "ENABLED", enabled)
+            sc = torch.full((H, M, max(counts)), float("-inf"), device=DEV) if want else None
+            out, lse = attend_pairs(q, [plan], d ** -0.5, sc)
+            runs.append((out, lse, sc))
+        for out, lse, sc in runs[1:]:
+            assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
+            assert not want or torch.equal(sc, runs[0][2])
+        o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
+        assert relerr(runs[0][0], o64) < TOL[torch.float16]
+    monkeypatch.setattr(fast_launch, "ENABLED", True)
+    S = 5
+    buf = torch.randn(H * S * M * d + 1, device=DEV)
+    lbuf = torch.randn(H * S * M + 1, device=DEV)
+    for off in (0, 0, 1):  # aligned twice (the second from the cache), then a view 4 bytes in
+        out_p = buf[off:off + H * S * M * d].view(H, S, M, d)
+        lse_p = lbuf[off:off + H * S * M].view(H, S, M)
+        out, lse = merge_splits(out_p, lse_p, S, 1, H, S)
+        w = torch.softmax(lse_p.double(), 1)
+        assert torch.allclose(out.double(), (w[..., None] * out_p.double()).sum(1), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(lse.double(), torch.logsumexp(lse_p.double(), 1), rtol=1e-5, atol=1e-6)
+
+
 _BUILD = """
 import sys
 from kernels import gluon_attention as ga
