@@ -17,6 +17,7 @@ another ``CompiledKernel`` interface: warned once, then the JIT path).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -30,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: every launch through the JIT
     _knobs = None
 
-ENABLED = True  # tests switch it off to compare against the JIT path
+ENABLED = os.environ.get("KV_FAST_LAUNCH", "1") == "1"  # 0: every launch through the JIT (A/B runs; tests set it)
 _CUDA = torch.cuda.is_available()  # without CUDA the kernels run in the interpreter: the JIT path
 _CACHE: dict = {}
 _BROKEN: set = set()

@@ -267,8 +267,27 @@ class ChannelQuant(Part):
                             _add(self.counts, other.counts))
 
 
+def _triton_quant(x: torch.Tensor, bits: int):
+    """:mod:`kernels.triton_quant` when the attention kernels run on ``x``'s device (CUDA, or ``--kernels triton``) and
+    it takes ``bits``: one launch instead of a dozen torch ops per call (a decode step quantizes a row per layer),
+    and bit-identical to the reference run on CPU (IEEE division; torch on CUDA multiplies by the reciprocal)."""
+    if bits not in (1, 2, 3, 4, 8) or x.numel() == 0:
+        return None
+    from methods.attention import use_triton
+
+    if not use_triton(x.device):
+        return None
+    from kernels import triton_quant
+
+    return triton_quant
+
+
 def quantize_tokens(x: torch.Tensor, counts: tuple[int, ...], bits: int, group: int, dtype: torch.dtype) -> TokenQuant:
     """Per-token min/max quantization of rows ``x [n, d]`` (KIVI values) into a :class:`TokenQuant`."""
+    tq = _triton_quant(x, bits)
+    if tq is not None and x.shape[-1] % group == 0:
+        words, scale, zero = tq.quantize_tokens(x, bits, group, dtype)
+        return TokenQuant(words, scale, zero, bits, group, x.shape[-1], counts)
     codes, scale, zero = ref.minmax_quantize(x, bits, group)
     return TokenQuant(ref.pack(codes, bits), scale.to(dtype), zero.to(dtype), bits, group, x.shape[-1], counts)
 
@@ -279,6 +298,10 @@ def quantize_channels(x: torch.Tensor, counts: tuple[int, ...], bits: int, group
     n, d = x.shape
     if any(c % group for c in counts):
         raise ValueError(f"per-head token counts {counts} must be multiples of the group size {group}")
+    tq = _triton_quant(x, bits)
+    if tq is not None:
+        words, scale, zero = tq.quantize_channels(x, bits, group, dtype)
+        return ChannelQuant(words, scale, zero, bits, group, counts)
     blocks = x.reshape(n // group, group, d).transpose(1, 2)  # [nb, d, G]
     codes, scale, zero = ref.minmax_quantize(blocks, bits, group)
     return ChannelQuant(ref.pack(codes, bits), scale[..., 0].to(dtype), zero[..., 0].to(dtype), bits, group, counts)

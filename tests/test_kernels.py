@@ -84,6 +84,36 @@ def test_quantize_channels_bit_identical(bits, dtype, d, group, nb):
     assert torch.equal(tq.unpack(words, bits, group).long(), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_methods_quantize_with_the_kernels(bits, monkeypatch):
+    """The methods' quantizers (:func:`methods.formats.quantize_tokens` / ``quantize_channels``, what KIVI and MiKV
+    store) take the Triton quantize kernels where the attention kernels run (CUDA; here ``--kernels triton`` in the
+    interpreter) and store exactly what the reference quantizer computes on CPU; ``--kernels reference`` keeps the
+    reference."""
+    from kernels import triton_quant
+    from methods import formats
+
+    calls = []
+    for name in ("quantize_tokens", "quantize_channels"):
+        fn = getattr(triton_quant, name)
+        monkeypatch.setattr(triton_quant, name, lambda *a, _fn=fn, **k: (calls.append(1), _fn(*a, **k))[1])
+    g = _gen(40 + bits)
+    x = _randn(64, 64, g=g, dtype=torch.float16, scale=2.0)
+    counts = (32, 32)
+    monkeypatch.setattr(dispatch, "BACKEND", "reference")
+    tok_ref = formats.quantize_tokens(x.cpu(), counts, bits, 32, torch.float16)
+    ch_ref = formats.quantize_channels(x.cpu(), counts, bits, 32, torch.float16)
+    assert not calls
+    monkeypatch.setattr(dispatch, "BACKEND", "triton")
+    tok = formats.quantize_tokens(x, counts, bits, 32, torch.float16)
+    ch = formats.quantize_channels(x, counts, bits, 32, torch.float16)
+    assert len(calls) == 2
+    for a, b in ((tok, tok_ref), (ch, ch_ref)):
+        assert type(a) is type(b) and a.counts == b.counts and a.nbits == b.nbits
+        for f in ("words", "scale", "zero"):
+            assert torch.equal(getattr(a, f).cpu(), getattr(b, f)), f
+
+
 def _token_part(n_rows, d, bits, group, dtype, g, counts=None, outliers=0):
     x = _randn(n_rows, d, g=g, dtype=dtype, scale=2.0)
     counts = counts or (n_rows,)
