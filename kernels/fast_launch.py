@@ -60,7 +60,8 @@ def launch(fn, grid: tuple, args: tuple, consts: dict) -> None:
     if not (ENABLED and _CUDA) or fn in _BROKEN or _knobs is None:
         fn[grid](*args, **consts)
         return
-    key = (fn, len(grid), tuple(consts.items()), _key(args), torch.cuda.current_device())
+    device = torch.cuda.current_device()
+    key = (fn, len(grid), tuple(consts.items()), _key(args), device)
     hit = _CACHE.get(key)
     if hit is None:
         kernel = fn[grid](*args, **consts)
@@ -79,7 +80,7 @@ def launch(fn, grid: tuple, args: tuple, consts: dict) -> None:
         # what CompiledKernel[grid](*all_args) does (the JIT's own final call), without its closure
         grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         full = args + tail
-        stream = _stream(torch.cuda.current_device())
+        stream = _stream(device)
         hooks = _knobs.runtime
         meta = kernel.launch_metadata(grid3, stream, *full)
         kernel.run(*grid3, stream, kernel.function, kernel.packed_metadata, meta, hooks.launch_enter_hook,

@@ -1796,6 +1796,20 @@ def _zrow(v_zero, row, v_nrows, MASKED: gl.constexpr):
 
 
 @gluon.jit
+def _unit_issue(hk, hks, hkz, hv, hvs, hvz, st, T, kbeg, vbeg, k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2,
+                k_nrows, v_nrows, K_TS: gl.constexpr, K_BITS: gl.constexpr, V_BITS: gl.constexpr,
+                K_GROUP: gl.constexpr, V_GROUP: gl.constexpr):
+    """Copy the half tile at key row ``T`` (value row ``T - kbeg + vbeg``) into stage ``st``: staged rows
+    (:func:`_ts_issue`) or raw ChannelQuant keys' half stage (:func:`_hs_issue`)."""
+    if K_TS:
+        _ts_issue(hk, hks, hkz, hv, hvs, hvz, st, T, T - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data, v_scale2,
+                  v_zero2, k_nrows, v_nrows, K_BITS, V_BITS)
+    else:
+        _hs_issue(hk, hks, hkz, hv, hvs, hvz, st, T, T - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data, v_scale2,
+                  v_zero2, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
+
+
+@gluon.jit
 def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_data, k_scale2, k_zero2, v_data, v_scale,
           v_zero, k_nrows, v_nrows, kc_off, ks_off, krow_l, krow_w, vw_off, vs_off, vrow_off, trow, qcol, s_ptr, hd,
           M, NMAX, COLBASE, col, LQ, kw_st, ks_st, kz_st, k_ell, v_ell, cbase, cbuf, K_BITS: gl.constexpr,
@@ -1958,13 +1972,8 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     if LATE:  # the next unit (ticket drawn at this unit's start) copied into the other stage now (_hstep)
         nxt = nsp + _ticket(draw)
         if nxt < total:
-            Tn = abeg + nxt * 64
-            if K_TS:
-                _ts_issue(hk, hks, hkz, hv, hvs, hvz, 1 - vst, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
-                          v_scale, v_zero, k_nrows, v_nrows, K_BITS, V_BITS)
-            else:
-                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - vst, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
-                          v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
+            _unit_issue(hk, hks, hkz, hv, hvs, hvz, 1 - vst, abeg + nxt * 64, kbeg, vbeg, k_data, k_scale2, k_zero2,
+                        v_data, v_scale, v_zero, k_nrows, v_nrows, K_TS, K_BITS, V_BITS, K_GROUP, V_GROUP)
         async_copy.commit_group()
     else:
         nxt = 0
@@ -2114,13 +2123,8 @@ def _hstep(acc, m_i, l_i, za, qb, zs, qs, ve, ht, st, issue_next, n_next, abeg, 
         async_copy.wait_group(0)  # this unit's copies (the only ones in flight) have landed
     else:
         if issue_next:
-            Tn = abeg + n_next * 64
-            if K_TS:
-                _ts_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
-                          v_scale, v_zero, k_nrows, v_nrows, K_BITS, V_BITS)
-            else:
-                _hs_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, Tn, Tn - kbeg + vbeg, k_data, k_scale2, k_zero2, v_data,
-                          v_scale, v_zero, k_nrows, v_nrows, K_GROUP, 128 // V_GROUP)
+            _unit_issue(hk, hks, hkz, hv, hvs, hvz, 1 - st, abeg + n_next * 64, kbeg, vbeg, k_data, k_scale2, k_zero2,
+                        v_data, v_scale, v_zero, k_nrows, v_nrows, K_TS, K_BITS, V_BITS, K_GROUP, V_GROUP)
         async_copy.commit_group()
         async_copy.wait_group(1)  # this unit's copies have landed
     _BARRIER()
@@ -2371,12 +2375,8 @@ def _kivi_attn_kernel(
             nxt = NSPLIT + sp
             ht = sp
             if ht < 2 * ntiles:
-                if K_TS:
-                    _ts_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 64 * ht, abeg + 64 * ht - kbeg + vbeg, k_data,
-                              k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_BITS, V_BITS)
-                else:
-                    _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 64 * ht, abeg + 64 * ht - kbeg + vbeg, k_data,
-                              k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
+                _unit_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 64 * ht, kbeg, vbeg, k_data, k_scale2, k_zero2,
+                            v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_TS, K_BITS, V_BITS, K_GROUP, V_GROUP)
             async_copy.commit_group()
             uc = sp * 0  # units done (the stage parity)
             while ht < 2 * ntiles:
@@ -2400,12 +2400,8 @@ def _kivi_attn_kernel(
                 uc += 1
         else:
             if t_lo < t_hi:
-                if K_TS:
-                    _ts_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 128 * t_lo, abeg + 128 * t_lo - kbeg + vbeg,
-                              k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_BITS, V_BITS)
-                else:
-                    _hs_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 128 * t_lo, abeg + 128 * t_lo - kbeg + vbeg,
-                              k_data, k_scale2, k_zero2, v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_GROUP, NG)
+                _unit_issue(hk, hks, hkz, hv, hvs, hvz, 0, abeg + 128 * t_lo, kbeg, vbeg, k_data, k_scale2, k_zero2,
+                            v_data, v_scale2, v_zero2, k_nrows, v_nrows, K_TS, K_BITS, V_BITS, K_GROUP, V_GROUP)
             async_copy.commit_group()
             for ht in range(2 * t_lo, 2 * t_hi):
                 acc, m_i, l_i, za, _ = _hstep(acc, m_i, l_i, za, qb, zs, qs, v_e, ht, (ht - 2 * t_lo) % 2,
