@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness {run,methods,tasks,summarize,check,bench}``.
+"""Command line: ``python -m harness {run,methods,tasks,summarize,check,bench}`` (``bench kernels``, ``bench decode``).
 
 Bad input gets one line naming the valid choices and exit code 2, never a traceback.
 """
@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir", type=Path)
     c.add_argument("--baseline", type=Path, required=True, help="leaderboard CSV (summary format)")
     c.add_argument("--tolerance", type=float, default=0.0, help="allowed score drop below the baseline's CI")
-    b = sub.add_parser("bench", help="benchmarks: kernels")
-    b.add_argument("what", choices=["kernels"])
+    b = sub.add_parser("bench", help="benchmarks: kernels (decode attention), decode (a model's TPOT and memory)")
+    b.add_argument("what", choices=["kernels", "decode"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
@@ -139,6 +139,10 @@ def _cmd_check(a) -> int:
 
 
 def _cmd_bench(a) -> int:
+    if a.what == "decode":
+        from harness import decode_bench
+
+        return decode_bench.main(list(a.rest))
     try:
         from kernels import bench
     except ImportError as e:

@@ -1,0 +1,238 @@
+"""Decode latency and memory at a real model's shape, with random weights: ``python -m harness bench decode``.
+
+Accuracy needs real weights, but time and memory depend only on the shapes: this benchmark builds a model from a config
+(``--shape``: a named shape such as ``llama-3.1-8b``, or a local ``config.json`` / model folder), with random weights
+and no download. It prefills ``--context`` random tokens through each method's compressed cache, then decodes
+``--new-tokens`` greedily, and records:
+
+- the prefill time (with the compression);
+- the time per output token: the median and the 90th percentile over the decode steps. It is timed like the
+  harness's ``run`` (CUDA events around each step's forward, host launch cost included; wall clock on CPU);
+- the KV bytes after the prefill and at the end (bytes of the real tensors), and the compression ratio against an
+  fp16 cache of the same tokens;
+- the peak CUDA memory above the weights.
+
+Each method gets one untimed warm-up of a short prefill and a few steps first (kernels compile, the allocator
+warms). Every row says ``weights=random``: the tokens generated are meaningless, only the time and the bytes count.
+
+    python -m harness bench decode --shape llama-3.1-8b --context 32k --new-tokens 64 \\
+        --methods full,kivi:bits=2,qaq --device cuda --csv decode.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from harness.errors import UserError
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# named shapes (LlamaConfig fields): the published configs' sizes, no weights
+SHAPES: dict[str, dict] = {
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                         rms_norm_eps=1e-5, rope_parameters=_LLAMA31_ROPE),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "tiny": dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
+}
+COLS = ["shape", "weights", "device", "dtype", "kernels", "method", "context", "new_tokens", "prefill_s",
+        "tpot_ms", "tpot_p90_ms", "kv_bytes_prefill", "kv_bytes_end", "compression_ratio", "peak_mem_bytes",
+        "timing", "commit"]
+
+
+def model_config(shape: str):
+    """The config of a named shape (:data:`SHAPES`) or of a local ``config.json`` / model folder."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if shape in SHAPES:
+        return LlamaConfig(**SHAPES[shape])
+    path = Path(shape)
+    if path.is_file() and path.name == "config.json":
+        path = path.parent
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
+    raise UserError(f"unknown shape {shape!r}; choose from: {', '.join(SHAPES)}, or a local config.json / model "
+                    f"folder")
+
+
+def random_model(cfg, device: torch.device, dtype: torch.dtype):
+    """A causal LM of config ``cfg`` with random weights, built in ``dtype`` directly on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from harness.cli import _Parser
+    from harness.config import parse_lengths
+
+    p = _Parser(prog="python -m harness bench decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="tiny", help=f"{', '.join(SHAPES)}, or a local config.json / model folder")
+    p.add_argument("--methods", default="full,kivi:bits=2", help="comma-separated method specs")
+    p.add_argument("--context", default="1k", help="prompt tokens, e.g. 32k (k = 1024)")
+    p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed (at least 2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="weights and cache dtype (auto: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV")
+    a = p.parse_args(argv)
+    lengths = parse_lengths(a.context)
+    if len(lengths) != 1:
+        raise UserError(f"--context takes one length, got {a.context!r}")
+    a.context = lengths[0]
+    if a.new_tokens < 2:
+        raise UserError(f"--new-tokens must be at least 2, got {a.new_tokens}")
+    return a
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"bad device {name!r}; choose cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA is not available on this machine; choose --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"bad device {name!r}; choose cpu, cuda or cuda:N")
+    return dev
+
+
+def _check_csv(path: Path | None) -> None:
+    """An existing CSV must have this benchmark's columns (rows are appended; nothing in it is lost)."""
+    if path is None or not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open() as f:
+        header = next(csv.reader(f), [])
+    if header != COLS:
+        raise UserError(f"{path} exists with other columns; choose another --csv")
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+@torch.no_grad()
+def measure(model, method, context: int, new_tokens: int, kv_dtype: torch.dtype, device: torch.device,
+            seed: int = 0) -> dict:
+    """Prefill ``context`` random tokens through ``method``'s compressed cache, decode ``new_tokens`` greedily; the
+    times, bytes and peak memory of that run (see the module docstring)."""
+    from harness.measure import PeakMemory, Timer
+    from methods.attention import register
+    from methods.cache import CompressedCache
+
+    model.set_attn_implementation(register())
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(model.config.vocab_size, (1, context), generator=g).to(device)
+    timer = Timer(device)
+
+    def forward(cache, x, start):
+        pos = torch.arange(start, start + x.shape[1], device=device)[None]
+        return model(x, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+    with PeakMemory(device) as peak:
+        cache = CompressedCache(model.config, method, kv_dtype, device, seed)
+        with timer.span() as t_pre:
+            tok = int(forward(cache, ids, 0).argmax())
+        kv_prefill = cache.nbytes()
+        steps = []
+        for i in range(new_tokens):
+            with timer.span() as t:
+                tok = int(forward(cache, torch.tensor([[tok]], device=device), context + i).argmax())
+            steps.append(t)
+        timer.sync()
+    ms = sorted(s.seconds * 1e3 for s in steps)
+    d = cache.head_dim()
+    seen = cache.seen_rows()
+    return {"prefill_s": t_pre.seconds, "tpot_ms": statistics.median(ms),
+            "tpot_p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "kv_bytes_prefill": kv_prefill,
+            "kv_bytes_end": cache.nbytes(), "compression_ratio": seen * d * 2 * 2 / cache.nbytes(),
+            "peak_mem_bytes": peak.peak, "timing": timer.kind}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def run(argv: list[str]) -> list[dict]:
+    """Parse the arguments, measure every method; returns the rows (also printed, and appended to ``--csv``)."""
+    import methods
+    from harness.runner import git_commit
+    from methods import attention
+
+    a = _parse(argv)
+    try:
+        ms = methods.parse_specs(a.methods)
+    except methods.SpecError as e:
+        raise UserError(str(e)) from None
+    device = _device(a.device)
+    cfg = model_config(a.shape)
+    window = getattr(cfg, "max_position_embeddings", None)
+    if window and a.context + a.new_tokens > window:
+        raise UserError(f"context {a.context} + {a.new_tokens} new tokens exceeds the {a.shape} window of {window} "
+                        f"tokens; choose --context up to {window - a.new_tokens}")
+    _check_csv(a.csv)
+    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if a.dtype == "auto" else getattr(torch,
+                                                                                                       a.dtype)
+    if a.kernels != "auto":
+        attention.set_backend(a.kernels)
+    torch.manual_seed(a.seed)
+    model = random_model(cfg, device, dtype)
+    kv_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    from harness.measure import device_name
+
+    rows = []
+    for m in ms:
+        try:
+            measure(model, m, min(a.context, 64), 2, kv_dtype, device, a.seed)  # warm-up, not recorded
+            r = measure(model, m, a.context, a.new_tokens, kv_dtype, device, a.seed)
+        except methods.SpecError as e:
+            raise UserError(str(e)) from None
+        row = {"shape": a.shape, "weights": "random", "device": device_name(device),
+               "dtype": str(dtype).removeprefix("torch."), "kernels": a.kernels, "method": m.spec(),
+               "context": a.context, "new_tokens": a.new_tokens, **r, "commit": git_commit()}
+        rows.append(row)
+        print(f"{m.spec()}: prefill {row['prefill_s']:.3f} s, TPOT {row['tpot_ms']:.2f} ms (p90 "
+              f"{row['tpot_p90_ms']:.2f}), KV {_size(row['kv_bytes_end'])} ({row['compression_ratio']:.2f}x)",
+              flush=True)
+        if a.csv is not None:
+            _append_csv(a.csv, row)
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    t0 = time.perf_counter()
+    rows = run(argv)
+    print(f"{len(rows)} method(s) measured in {time.perf_counter() - t0:.0f} s")
+    return 0

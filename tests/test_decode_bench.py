@@ -1,0 +1,104 @@
+"""``python -m harness bench decode``: a model's decode time and KV memory per method, random weights (CPU, tiny)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from harness import cli, decode_bench
+
+
+def _rows(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_named_shapes_are_the_published_models():
+    """The named shapes build the published models' parameter counts (on the meta device: nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    want = {"llama-3.1-8b": 8_030_261_248, "smollm2-135m": 134_515_008}
+    for name, n in want.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(decode_bench.model_config(name))
+        assert sum(p.numel() for p in model.parameters()) == n, name
+    cfg = decode_bench.model_config("llama-3.1-8b")
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers) == (8, 128, 32)
+
+
+def test_measures_every_method_and_appends_rows(tmp_path):
+    """One row per method with its real bytes: the full cache holds exactly layers x KV heads x tokens x head dim x
+    (K, V) fp16 values, KIVI 2-bit and SnapKV at half the budget hold less, times are positive; the CSV gets one row
+    per method and a second run appends to it."""
+    out = tmp_path / "decode.csv"
+    args = ["--shape", "tiny", "--methods", "full,kivi:bits=2,snapkv:budget=0.5", "--context", "200",
+            "--new-tokens", "3", "--csv", str(out)]
+    rows = decode_bench.run(args)
+    assert [r["method"].split(":")[0] for r in rows] == ["full", "kivi", "snapkv"]
+    shape = decode_bench.SHAPES["tiny"]
+    full = rows[0]
+    assert full["kv_bytes_prefill"] == shape["num_hidden_layers"] * shape["num_key_value_heads"] * 200 * \
+        shape["head_dim"] * 2 * 2
+    assert full["kv_bytes_end"] == full["kv_bytes_prefill"] * 203 // 200
+    assert full["compression_ratio"] == pytest.approx(1.0)
+    kivi, snap = rows[1], rows[2]
+    # KIVI keeps its last 128 tokens (and those beyond whole key blocks) in fp16: at 200 tokens 59% of the full bytes
+    assert kivi["kv_bytes_prefill"] < 0.7 * full["kv_bytes_prefill"] and kivi["compression_ratio"] > 1.4
+    assert snap["kv_bytes_prefill"] <= full["kv_bytes_prefill"] * 0.5 + 1e-9
+    for r in rows:
+        assert r["prefill_s"] > 0 and 0 < r["tpot_ms"] <= r["tpot_p90_ms"]
+        assert r["weights"] == "random" and r["timing"] == "wall_clock" and r["peak_mem_bytes"] is None
+    written = _rows(out)
+    assert [r["method"] for r in written] == [r["method"] for r in rows]
+    assert int(written[0]["kv_bytes_end"]) == full["kv_bytes_end"]
+    assert cli.main(["bench", "decode", *args[:3], "full", *args[4:]]) == 0
+    assert len(_rows(out)) == 4
+
+
+def test_local_config_folder(tmp_path):
+    """``--shape`` also takes a local model folder (or its config.json): the model is built from that config."""
+    from transformers import LlamaConfig
+
+    cfg = dict(decode_bench.SHAPES["tiny"], num_hidden_layers=3)
+    LlamaConfig(**cfg).save_pretrained(tmp_path)
+    for shape in (tmp_path, tmp_path / "config.json"):
+        (row,) = decode_bench.run(["--shape", str(shape), "--methods", "full", "--context", "64", "--new-tokens", "2"])
+        assert row["kv_bytes_prefill"] == 3 * 2 * 64 * 32 * 2 * 2
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--shape", "llama-9b"], "choose from: llama-3.1-8b"),
+    (["--context", "5000"], "choose --context up to"),
+    (["--methods", "foo"], "choose from:"),
+    (["--methods", "kivi:bits=5"], "kivi"),
+    (["--new-tokens", "1"], "at least 2"),
+    (["--context", "1k,2k"], "one length"),
+    (["--context", "0"], "bad length"),
+    (["--device", "tpu"], "choose cpu, cuda"),
+    (["--dtype", "half"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, msg, capsys):
+    try:
+        rc = cli.main(["bench", "decode", *args])
+    except SystemExit as e:  # argparse's own errors (the parser prints one line and exits 2)
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cuda_unavailable_is_a_user_error(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "decode", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_csv_of_other_columns_is_left_alone(tmp_path, capsys):
+    """An existing CSV with other columns is an error before anything runs, and the file is unchanged."""
+    out = tmp_path / "other.csv"
+    out.write_text("a,b\n1,2\n")
+    assert cli.main(["bench", "decode", "--methods", "full", "--context", "32", "--csv", str(out)]) == 2
+    assert "other columns" in capsys.readouterr().err
+    assert out.read_text() == "a,b\n1,2\n"
