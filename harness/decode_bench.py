@@ -12,8 +12,11 @@ and no download. It prefills ``--context`` random tokens through each method's c
   fp16 cache of the same tokens;
 - the peak CUDA memory above the weights.
 
-Each method gets one untimed warm-up of a short prefill and a few steps first (kernels compile, the allocator
-warms). Every row says ``weights=random``: the tokens generated are meaningless, only the time and the bytes count.
+A first row, ``stock:dynamic-cache+sdpa``, runs the model's own path (transformers' ``DynamicCache``, uncompressed, in
+the model's dtype, and SDPA): the reference a deployment starts from, against which the harness's own ``full`` shows
+what the cache interface costs by itself (``--no-stock`` skips it). Each row gets one untimed warm-up of a short prefill
+and a few steps first (kernels compile, the allocator warms). Every row says ``weights=random``: the tokens generated
+are meaningless, only the time and the bytes count.
 
     python -m harness bench decode --shape llama-3.1-8b --context 32k --new-tokens 64 \\
         --methods full,kivi:bits=2,qaq --device cuda --csv decode.csv
@@ -45,6 +48,7 @@ SHAPES: dict[str, dict] = {
     "tiny": dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096),
 }
+STOCK = "stock:dynamic-cache+sdpa"  # the row of the model's own path (not a method of the registry)
 COLS = ["shape", "weights", "device", "dtype", "kernels", "method", "context", "new_tokens", "prefill_s",
         "tpot_ms", "tpot_p90_ms", "kv_bytes_prefill", "kv_bytes_end", "compression_ratio", "peak_mem_bytes",
         "timing", "commit"]
@@ -97,6 +101,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV")
+    p.add_argument("--no-stock", action="store_true",
+                   help="skip the stock row (transformers' DynamicCache with SDPA, no compression)")
     a = p.parse_args(argv)
     lengths = parse_lengths(a.context)
     if len(lengths) != 1:
@@ -139,16 +145,45 @@ def _append_csv(path: Path, row: dict) -> None:
         w.writerow(row)
 
 
-@torch.no_grad()
 def measure(model, method, context: int, new_tokens: int, kv_dtype: torch.dtype, device: torch.device,
             seed: int = 0) -> dict:
     """Prefill ``context`` random tokens through ``method``'s compressed cache, decode ``new_tokens`` greedily; the
     times, bytes and peak memory of that run (see the module docstring)."""
-    from harness.measure import PeakMemory, Timer
     from methods.attention import register
     from methods.cache import CompressedCache
 
     model.set_attn_implementation(register())
+    return _decode(model, lambda: CompressedCache(model.config, method, kv_dtype, device, seed), _compressed_bytes,
+                   context, new_tokens, device, seed)
+
+
+def measure_stock(model, context: int, new_tokens: int, device: torch.device, seed: int = 0) -> dict:
+    """The same run on the model's stock path: transformers' ``DynamicCache`` (uncompressed, the model's dtype) and
+    SDPA attention, the reference a user's deployment starts from."""
+    from transformers import DynamicCache
+
+    model.set_attn_implementation("sdpa")
+    return _decode(model, lambda: DynamicCache(config=model.config), _dynamic_bytes, context, new_tokens, device,
+                   seed)
+
+
+def _compressed_bytes(cache) -> tuple[int, int]:
+    """(KV bytes, fp16 bytes of the same tokens) of a compressed cache."""
+    return cache.nbytes(), cache.seen_rows() * cache.head_dim() * 2 * 2
+
+
+def _dynamic_bytes(cache) -> tuple[int, int]:
+    """(KV bytes, fp16 bytes of the same tokens) of a ``DynamicCache``."""
+    ts = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+          if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in ts), sum(t.numel() * 2 for t in ts)
+
+
+@torch.no_grad()
+def _decode(model, make_cache, nbytes, context: int, new_tokens: int, device: torch.device, seed: int) -> dict:
+    """Prefill and decode through the cache ``make_cache()`` makes; ``nbytes(cache)`` gives its bytes."""
+    from harness.measure import PeakMemory, Timer
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(model.config.vocab_size, (1, context), generator=g).to(device)
     timer = Timer(device)
@@ -158,10 +193,10 @@ def measure(model, method, context: int, new_tokens: int, kv_dtype: torch.dtype,
         return model(x, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits[0, -1]
 
     with PeakMemory(device) as peak:
-        cache = CompressedCache(model.config, method, kv_dtype, device, seed)
+        cache = make_cache()
         with timer.span() as t_pre:
             tok = int(forward(cache, ids, 0).argmax())
-        kv_prefill = cache.nbytes()
+        kv_prefill = nbytes(cache)[0]
         steps = []
         for i in range(new_tokens):
             with timer.span() as t:
@@ -169,12 +204,10 @@ def measure(model, method, context: int, new_tokens: int, kv_dtype: torch.dtype,
             steps.append(t)
         timer.sync()
     ms = sorted(s.seconds * 1e3 for s in steps)
-    d = cache.head_dim()
-    seen = cache.seen_rows()
+    end, fp16 = nbytes(cache)
     return {"prefill_s": t_pre.seconds, "tpot_ms": statistics.median(ms),
             "tpot_p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "kv_bytes_prefill": kv_prefill,
-            "kv_bytes_end": cache.nbytes(), "compression_ratio": seen * d * 2 * 2 / cache.nbytes(),
-            "peak_mem_bytes": peak.peak, "timing": timer.kind}
+            "kv_bytes_end": end, "compression_ratio": fp16 / end, "peak_mem_bytes": peak.peak, "timing": timer.kind}
 
 
 def _size(n: int) -> str:
@@ -213,17 +246,19 @@ def run(argv: list[str]) -> list[dict]:
     from harness.measure import device_name
 
     rows = []
-    for m in ms:
+    runs = [] if a.no_stock else [(STOCK, lambda n, k: measure_stock(model, n, k, device, a.seed))]
+    runs += [(m.spec(), lambda n, k, m=m: measure(model, m, n, k, kv_dtype, device, a.seed)) for m in ms]
+    for name, fn in runs:
         try:
-            measure(model, m, min(a.context, 64), 2, kv_dtype, device, a.seed)  # warm-up, not recorded
-            r = measure(model, m, a.context, a.new_tokens, kv_dtype, device, a.seed)
+            fn(min(a.context, 64), 2)  # warm-up, not recorded
+            r = fn(a.context, a.new_tokens)
         except methods.SpecError as e:
             raise UserError(str(e)) from None
         row = {"shape": a.shape, "weights": "random", "device": device_name(device),
-               "dtype": str(dtype).removeprefix("torch."), "kernels": a.kernels, "method": m.spec(),
+               "dtype": str(dtype).removeprefix("torch."), "kernels": a.kernels, "method": name,
                "context": a.context, "new_tokens": a.new_tokens, **r, "commit": git_commit()}
         rows.append(row)
-        print(f"{m.spec()}: prefill {row['prefill_s']:.3f} s, TPOT {row['tpot_ms']:.2f} ms (p90 "
+        print(f"{name}: prefill {row['prefill_s']:.3f} s, TPOT {row['tpot_ms']:.2f} ms (p90 "
               f"{row['tpot_p90_ms']:.2f}), KV {_size(row['kv_bytes_end'])} ({row['compression_ratio']:.2f}x)",
               flush=True)
         if a.csv is not None:

@@ -29,21 +29,24 @@ def test_named_shapes_are_the_published_models():
 
 
 def test_measures_every_method_and_appends_rows(tmp_path):
-    """One row per method with its real bytes: the full cache holds exactly layers x KV heads x tokens x head dim x
-    (K, V) fp16 values, KIVI 2-bit and SnapKV at half the budget hold less, times are positive; the CSV gets one row
-    per method and a second run appends to it."""
+    """A stock row (DynamicCache + SDPA, float32 on CPU) and one row per method with its real bytes: the full cache
+    holds exactly layers x KV heads x tokens x head dim x (K, V) fp16 values, KIVI 2-bit and SnapKV at half the
+    budget hold less, times are positive; the CSV gets one row per run and a second run appends to it."""
     out = tmp_path / "decode.csv"
     args = ["--shape", "tiny", "--methods", "full,kivi:bits=2,snapkv:budget=0.5", "--context", "200",
             "--new-tokens", "3", "--csv", str(out)]
     rows = decode_bench.run(args)
-    assert [r["method"].split(":")[0] for r in rows] == ["full", "kivi", "snapkv"]
+    assert [r["method"].split(":")[0] for r in rows] == ["stock", "full", "kivi", "snapkv"]
     shape = decode_bench.SHAPES["tiny"]
-    full = rows[0]
+    stock, full = rows[0], rows[1]
+    # the stock path holds the same tokens in the model's dtype (float32 on CPU): twice the fp16 bytes
+    assert stock["method"] == decode_bench.STOCK and stock["kv_bytes_prefill"] == 2 * full["kv_bytes_prefill"]
+    assert stock["kv_bytes_end"] == 2 * full["kv_bytes_end"] and stock["compression_ratio"] == pytest.approx(0.5)
     assert full["kv_bytes_prefill"] == shape["num_hidden_layers"] * shape["num_key_value_heads"] * 200 * \
         shape["head_dim"] * 2 * 2
     assert full["kv_bytes_end"] == full["kv_bytes_prefill"] * 203 // 200
     assert full["compression_ratio"] == pytest.approx(1.0)
-    kivi, snap = rows[1], rows[2]
+    kivi, snap = rows[2], rows[3]
     # KIVI keeps its last 128 tokens (and those beyond whole key blocks) in fp16: at 200 tokens 59% of the full bytes
     assert kivi["kv_bytes_prefill"] < 0.7 * full["kv_bytes_prefill"] and kivi["compression_ratio"] > 1.4
     assert snap["kv_bytes_prefill"] <= full["kv_bytes_prefill"] * 0.5 + 1e-9
@@ -52,9 +55,9 @@ def test_measures_every_method_and_appends_rows(tmp_path):
         assert r["weights"] == "random" and r["timing"] == "wall_clock" and r["peak_mem_bytes"] is None
     written = _rows(out)
     assert [r["method"] for r in written] == [r["method"] for r in rows]
-    assert int(written[0]["kv_bytes_end"]) == full["kv_bytes_end"]
-    assert cli.main(["bench", "decode", *args[:3], "full", *args[4:]]) == 0
-    assert len(_rows(out)) == 4
+    assert int(written[1]["kv_bytes_end"]) == full["kv_bytes_end"]
+    assert cli.main(["bench", "decode", *args[:3], "full", *args[4:], "--no-stock"]) == 0
+    assert len(_rows(out)) == 5
 
 
 def test_local_config_folder(tmp_path):
@@ -64,7 +67,8 @@ def test_local_config_folder(tmp_path):
     cfg = dict(decode_bench.SHAPES["tiny"], num_hidden_layers=3)
     LlamaConfig(**cfg).save_pretrained(tmp_path)
     for shape in (tmp_path, tmp_path / "config.json"):
-        (row,) = decode_bench.run(["--shape", str(shape), "--methods", "full", "--context", "64", "--new-tokens", "2"])
+        (row,) = decode_bench.run(["--shape", str(shape), "--methods", "full", "--context", "64", "--new-tokens", "2",
+                                   "--no-stock"])
         assert row["kv_bytes_prefill"] == 3 * 2 * 64 * 32 * 2 * 2
 
 
