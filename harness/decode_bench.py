@@ -195,7 +195,11 @@ def _decode(model, make_cache, nbytes, context: int, new_tokens: int, device: to
     with PeakMemory(device) as peak:
         cache = make_cache()
         with timer.span() as t_pre:
-            tok = int(forward(cache, ids, 0).argmax())
+            logits = forward(cache, ids, 0)
+            tok = int(logits.argmax())
+        if not bool(torch.isfinite(logits).all()):  # data-dependent methods would then measure garbage decisions
+            raise UserError("the random model's logits are not finite in this dtype; choose --dtype bfloat16 or "
+                            "float32")
         kv_prefill = nbytes(cache)[0]
         steps = []
         for i in range(new_tokens):

@@ -106,3 +106,19 @@ def test_csv_of_other_columns_is_left_alone(tmp_path, capsys):
     assert cli.main(["bench", "decode", "--methods", "full", "--context", "32", "--csv", str(out)]) == 2
     assert "other columns" in capsys.readouterr().err
     assert out.read_text() == "a,b\n1,2\n"
+
+
+def test_overflowing_random_model_is_refused(monkeypatch, capsys):
+    """Logits that are not finite (a random model overflowing its dtype) stop the run with one line: a method's
+    data-dependent choices would otherwise be timed on garbage."""
+    build = decode_bench.random_model
+
+    def nan_model(*a, **k):
+        model = build(*a, **k)
+        with torch.no_grad():
+            model.lm_head.weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(decode_bench, "random_model", nan_model)
+    assert cli.main(["bench", "decode", "--methods", "full", "--context", "32", "--no-stock"]) == 2
+    assert "not finite" in capsys.readouterr().err
