@@ -138,6 +138,25 @@ class Dense(Part):
         x = other.x if isinstance(other, Dense) else other.dequant()
         return Dense(head_cat(self.x, self.counts, x, other.counts), _add(self.counts, other.counts))
 
+    def split_first(self, n_first: tuple[int, ...]) -> tuple[Dense, Dense]:
+        """The first ``n_first[h]`` rows of every head ``h`` and the rest, both head-grouped: what ``select`` of
+        :func:`first_rows_mask` and of its complement give, by slicing with the counts the host knows (no device
+        sync: a boolean mask's selection waits for the device to count its rows)."""
+        rest = tuple(c - f for c, f in zip(self.counts, n_first, strict=True))
+        if any(f < 0 or r < 0 for f, r in zip(n_first, rest)):
+            raise ValueError(f"split_first: {n_first} rows of heads holding {self.counts}")
+        h, x = len(self.counts), self.x
+        if h and len(set(self.counts)) == 1 and len(set(n_first)) == 1:  # equal heads: two strided copies
+            xs = x.reshape(h, self.counts[0], *x.shape[1:])
+            return (Dense(xs[:, :n_first[0]].reshape(-1, *x.shape[1:]), tuple(n_first)),
+                    Dense(xs[:, n_first[0]:].reshape(-1, *x.shape[1:]), rest))
+        off = head_offsets(self.counts)
+        first = [x[off[i]:off[i] + n_first[i]] for i in range(h)]
+        tail = [x[off[i] + n_first[i]:off[i + 1]] for i in range(h)]
+        empty = x[:0]
+        return (Dense(torch.cat(first) if first else empty, tuple(n_first)),
+                Dense(torch.cat(tail) if tail else empty, rest))
+
 
 def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(x + y for x, y in zip(a, b))

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from methods.base import Method, SpecError
-from methods.formats import ChannelQuant, Dense, TokenQuant, first_rows_mask, quantize_channels, quantize_tokens
+from methods.formats import ChannelQuant, Dense, TokenQuant, quantize_channels, quantize_tokens
 from methods.registry import register
 from methods.store import LayerStore, Segment
 
@@ -68,9 +68,8 @@ class Kivi(Method):
         n_q = tuple(c - c % self.residual for c in tail.counts)  # whole residual blocks leave the fp16 tail
         if not any(n_q):
             return
-        first = first_rows_mask(tail.counts, n_q, tail.x.device)
-        packed = quantize_channels(tail.x[first], n_q, self.bits, self.group, dtype)
-        rest = tail.select(~first)
+        first, rest = tail.split_first(n_q)
+        packed = quantize_channels(first.x, n_q, self.bits, self.group, dtype)
         head = seg.k[:-1]
         if head and isinstance(head[-1], ChannelQuant):
             head[-1] = head[-1].cat(packed)
@@ -85,9 +84,8 @@ class Kivi(Method):
         n_q = tuple(max(0, c - self.residual) for c in tail.counts)  # exactly R values stay fp16
         if not any(n_q):
             return
-        first = first_rows_mask(tail.counts, n_q, tail.x.device)
-        packed = quantize_tokens(tail.x[first], n_q, self.bits, self.group, dtype)
-        rest = tail.select(~first)
+        first, rest = tail.split_first(n_q)
+        packed = quantize_tokens(first.x, n_q, self.bits, self.group, dtype)
         head = seg.v[:-1]
         if head and isinstance(head[-1], TokenQuant):
             head[-1] = head[-1].cat(packed)

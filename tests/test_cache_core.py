@@ -7,7 +7,7 @@ import torch
 
 import methods
 from kernels import reference as ref
-from methods.formats import Dense, head_cat, quantize_channels, quantize_tokens
+from methods.formats import Dense, first_rows_mask, head_cat, quantize_channels, quantize_tokens
 from methods.store import Segment
 from tests.tinymodel import run_cache, tiny_llama
 
@@ -78,6 +78,22 @@ def test_kivi_formats_match_reference_and_bytes(bits):
     # METHODS.md §2: b bits per element + 2 x 16 bits per group of G
     assert tq.nbytes() * 8 == n_el * bits + 2 * 16 * n_el // 16
     assert cq.nbytes() * 8 == n_el * bits + 2 * 16 * n_el // 32
+
+
+@pytest.mark.parametrize("counts,n_first", [((5, 5, 5), (2, 2, 2)), ((5, 5, 5), (0, 0, 0)), ((5, 5, 5), (5, 5, 5)),
+                                             ((4, 0, 7, 1), (1, 0, 7, 0)), ((3, 6), (3, 2))])
+def test_split_first_is_the_mask_selection(counts, n_first):
+    """``Dense.split_first`` (host slicing, no device sync) gives exactly the rows and counts of selecting
+    ``first_rows_mask`` and its complement, for equal and ragged heads, nothing or everything first."""
+    x = torch.randn(sum(counts), 8, generator=torch.Generator().manual_seed(sum(counts)))
+    part = Dense(x, counts)
+    mask = first_rows_mask(counts, n_first, x.device)
+    first, rest = part.split_first(n_first)
+    want_first, want_rest = part.select(mask), part.select(~mask)
+    assert torch.equal(first.x, want_first.x) and first.counts == want_first.counts == n_first
+    assert torch.equal(rest.x, want_rest.x) and rest.counts == want_rest.counts
+    with pytest.raises(ValueError):
+        part.split_first(tuple(c + 1 for c in counts))
 
 
 def test_kivi_store_layout_and_nbytes_formula():
