@@ -14,9 +14,9 @@ and no download. It prefills ``--context`` random tokens through each method's c
 
 A first row, ``stock:dynamic-cache+sdpa``, runs the model's own path (transformers' ``DynamicCache``, uncompressed, in
 the model's dtype, and SDPA): the reference a deployment starts from, against which the harness's own ``full`` shows
-what the cache interface costs by itself (``--no-stock`` skips it). Each row gets one untimed warm-up of a short prefill
-and a few steps first (kernels compile, the allocator warms). Every row says ``weights=random``: the tokens generated
-are meaningless, only the time and the bytes count.
+what the cache interface costs by itself (``--no-stock`` skips it). Each row gets one untimed warm-up first, the same
+prefill and two steps (kernels compile, the allocator warms), as ``harness run`` warms up on the full prompt. Every row
+says ``weights=random``: the tokens generated are meaningless, only the time and the bytes count.
 
     python -m harness bench decode --shape llama-3.1-8b --context 32k --new-tokens 64 \\
         --methods full,kivi:bits=2,qaq --device cuda --csv decode.csv
@@ -254,7 +254,7 @@ def run(argv: list[str]) -> list[dict]:
     runs += [(m.spec(), lambda n, k, m=m: measure(model, m, n, k, kv_dtype, device, a.seed)) for m in ms]
     for name, fn in runs:
         try:
-            fn(min(a.context, 64), 2)  # warm-up, not recorded
+            fn(a.context, 2)  # warm-up at the same length (the same kernels and specialisations), not recorded
             r = fn(a.context, a.new_tokens)
         except methods.SpecError as e:
             raise UserError(str(e)) from None
