@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -65,9 +67,16 @@ def model_config(shape: str):
         path = path.parent
     if path.is_dir() and (path / "config.json").is_file():
         try:
-            return AutoConfig.from_pretrained(path)
+            cfg = AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot read the config in {path}: {str(e).splitlines()[0]}") from None
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if getattr(cfg, "sliding_window", None) or kinds != {"full_attention"}:
+            raise UserError(f"{path}: sliding-window or mixed attention layers ({', '.join(sorted(kinds))}); the "
+                            f"compressed cache keeps every token of every layer, so choose a full-attention model")
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise UserError(f"{path}: an encoder-decoder model; choose a decoder-only causal LM")
+        return cfg
     raise UserError(f"unknown shape {shape!r}; choose from: {', '.join(SHAPES)}, or a local config.json / model "
                     f"folder")
 
@@ -76,11 +85,17 @@ def random_model(cfg, device: torch.device, dtype: torch.dtype):
     """A causal LM of config ``cfg`` with random weights, built in ``dtype`` directly on ``device``."""
     from transformers import AutoModelForCausalLM
 
+    from methods.attention import register
+
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg)
+        model.set_attn_implementation(register())
+    except ValueError as e:  # not a causal LM, or one without attention implementations
+        raise UserError(f"cannot run {type(cfg).__name__} ({getattr(cfg, 'model_type', '?')}) as a causal LM with "
+                        f"the compressed cache: {str(e).splitlines()[0]}") from None
     finally:
         torch.set_default_dtype(old)
     return model.eval()
@@ -110,6 +125,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     a.context = lengths[0]
     if a.new_tokens < 2:
         raise UserError(f"--new-tokens must be at least 2, got {a.new_tokens}")
+    if not 0 <= a.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2^63), got {a.seed}")
     return a
 
 
@@ -120,27 +137,45 @@ def _device(name: str) -> torch.device:
         raise UserError(f"bad device {name!r}; choose cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA is not available on this machine; choose --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"no device {name}; this machine has cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"bad device {name!r}; choose cpu, cuda or cuda:N")
     return dev
 
 
 def _check_csv(path: Path | None) -> None:
-    """An existing CSV must have this benchmark's columns (rows are appended; nothing in it is lost)."""
-    if path is None or not path.exists() or path.stat().st_size == 0:
+    """Before anything runs: ``--csv`` must be a file this benchmark can append to, and an existing one must have
+    its columns (rows are appended; nothing in it is lost)."""
+    if path is None:
         return
-    with path.open() as f:
-        header = next(csv.reader(f), [])
+    if path.is_dir():
+        raise UserError(f"--csv {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            with path.open(newline="") as f:
+                header = next(csv.reader(f), [])
+        else:
+            header = COLS
+        with path.open("a"):
+            pass
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"cannot append to --csv {path}: {str(e).splitlines()[0]}") from None
     if header != COLS:
         raise UserError(f"{path} exists with other columns; choose another --csv")
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    path.parent.mkdir(parents=True, exist_ok=True)
+    size = path.stat().st_size if path.exists() else 0
+    with path.open("a+b") as f:  # a last line without its newline gets one first (rows never join)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLS)
-        if new:
+        if not size:
             w.writeheader()
         w.writerow(row)
 
@@ -210,8 +245,15 @@ def _decode(model, make_cache, nbytes, context: int, new_tokens: int, device: to
     ms = sorted(s.seconds * 1e3 for s in steps)
     end, fp16 = nbytes(cache)
     return {"prefill_s": t_pre.seconds, "tpot_ms": statistics.median(ms),
-            "tpot_p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))], "kv_bytes_prefill": kv_prefill,
+            "tpot_p90_ms": nearest_rank(ms, 0.9),
+            "kv_bytes_prefill": kv_prefill,
             "kv_bytes_end": end, "compression_ratio": fp16 / end, "peak_mem_bytes": peak.peak, "timing": timer.kind}
+
+
+def nearest_rank(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ascending values: the smallest value with at least ``q`` of them at or
+    below it."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def _size(n: int) -> str:
@@ -242,6 +284,8 @@ def run(argv: list[str]) -> list[dict]:
     _check_csv(a.csv)
     dtype = (torch.float16 if device.type == "cuda" else torch.float32) if a.dtype == "auto" else getattr(torch,
                                                                                                        a.dtype)
+    if a.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1); choose auto or reference")
     if a.kernels != "auto":
         attention.set_backend(a.kernels)
     torch.manual_seed(a.seed)

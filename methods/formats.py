@@ -141,21 +141,32 @@ class Dense(Part):
     def split_first(self, n_first: tuple[int, ...]) -> tuple[Dense, Dense]:
         """The first ``n_first[h]`` rows of every head ``h`` and the rest, both head-grouped: what ``select`` of
         :func:`first_rows_mask` and of its complement give, by slicing with the counts the host knows (no device
-        sync: a boolean mask's selection waits for the device to count its rows)."""
+        sync: a boolean mask's selection waits for the device to count its rows). Both are tensors of their own,
+        never views of this part's storage (which would keep it alive unaccounted)."""
         rest = tuple(c - f for c, f in zip(self.counts, n_first, strict=True))
         if any(f < 0 or r < 0 for f, r in zip(n_first, rest)):
             raise ValueError(f"split_first: {n_first} rows of heads holding {self.counts}")
         h, x = len(self.counts), self.x
         if h and len(set(self.counts)) == 1 and len(set(n_first)) == 1:  # equal heads: two strided copies
             xs = x.reshape(h, self.counts[0], *x.shape[1:])
-            return (Dense(xs[:, :n_first[0]].reshape(-1, *x.shape[1:]), tuple(n_first)),
-                    Dense(xs[:, n_first[0]:].reshape(-1, *x.shape[1:]), rest))
-        off = head_offsets(self.counts)
-        first = [x[off[i]:off[i] + n_first[i]] for i in range(h)]
-        tail = [x[off[i] + n_first[i]:off[i + 1]] for i in range(h)]
-        empty = x[:0]
-        return (Dense(torch.cat(first) if first else empty, tuple(n_first)),
-                Dense(torch.cat(tail) if tail else empty, rest))
+            first = xs[:, :n_first[0]].reshape(-1, *x.shape[1:])
+            tail = xs[:, n_first[0]:].reshape(-1, *x.shape[1:])
+        else:
+            off = head_offsets(self.counts)
+            pieces_f = [x[off[i]:off[i] + n_first[i]] for i in range(h)]
+            pieces_t = [x[off[i] + n_first[i]:off[i + 1]] for i in range(h)]
+            first = torch.cat(pieces_f) if pieces_f else x[:0]
+            tail = torch.cat(pieces_t) if pieces_t else x[:0]
+        return Dense(_own(first, x), tuple(n_first)), Dense(_own(tail, x), rest)
+
+
+def _own(t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own: a copy when it is a view into ``base``'s storage (an empty one: a fresh empty)."""
+    if t.numel() == 0:
+        return base.new_empty(t.shape)
+    if t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr():
+        return t.clone()
+    return t
 
 
 def _add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:

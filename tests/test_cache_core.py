@@ -81,10 +81,13 @@ def test_kivi_formats_match_reference_and_bytes(bits):
 
 
 @pytest.mark.parametrize("counts,n_first", [((5, 5, 5), (2, 2, 2)), ((5, 5, 5), (0, 0, 0)), ((5, 5, 5), (5, 5, 5)),
-                                             ((4, 0, 7, 1), (1, 0, 7, 0)), ((3, 6), (3, 2))])
+                                             ((4, 0, 7, 1), (1, 0, 7, 0)), ((3, 6), (3, 2)), ((6,), (6,)), ((6,), (2,)),
+                                             ((), ())])
 def test_split_first_is_the_mask_selection(counts, n_first):
     """``Dense.split_first`` (host slicing, no device sync) gives exactly the rows and counts of selecting
-    ``first_rows_mask`` and its complement, for equal and ragged heads, nothing or everything first."""
+    ``first_rows_mask`` and its complement, for equal and ragged heads, one head or none, nothing or everything
+    first; and like the selection it never returns a view of the part's storage (a view, even an empty one, would
+    keep the old rows alive outside the store's byte count)."""
     x = torch.randn(sum(counts), 8, generator=torch.Generator().manual_seed(sum(counts)))
     part = Dense(x, counts)
     mask = first_rows_mask(counts, n_first, x.device)
@@ -92,8 +95,13 @@ def test_split_first_is_the_mask_selection(counts, n_first):
     want_first, want_rest = part.select(mask), part.select(~mask)
     assert torch.equal(first.x, want_first.x) and first.counts == want_first.counts == n_first
     assert torch.equal(rest.x, want_rest.x) and rest.counts == want_rest.counts
-    with pytest.raises(ValueError):
-        part.split_first(tuple(c + 1 for c in counts))
+    base = x.untyped_storage().data_ptr()
+    for got in (first, rest):
+        assert got.x.numel() == 0 or got.x.untyped_storage().data_ptr() != base
+        assert got.x.untyped_storage().nbytes() == got.x.numel() * got.x.element_size()
+    if counts:
+        with pytest.raises(ValueError):
+            part.split_first(tuple(c + 1 for c in counts))
 
 
 def test_kivi_store_layout_and_nbytes_formula():

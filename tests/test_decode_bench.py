@@ -72,7 +72,14 @@ def test_local_config_folder(tmp_path):
         assert row["kv_bytes_prefill"] == 3 * 2 * 64 * 32 * 2 * 2
 
 
+def test_p90_is_the_nearest_rank():
+    assert decode_bench.nearest_rank(list(range(1, 11)), 0.9) == 9
+    assert decode_bench.nearest_rank([1.0, 2.0], 0.9) == 2.0 and decode_bench.nearest_rank([5.0], 0.9) == 5.0
+    assert decode_bench.nearest_rank(list(range(100)), 0.9) == 89
+
+
 @pytest.mark.parametrize("args,msg", [
+    (["--seed", "99999999999999999999999"], "--seed"),
     (["--shape", "llama-9b"], "choose from: llama-3.1-8b"),
     (["--context", "5000"], "choose --context up to"),
     (["--methods", "foo"], "choose from:"),
@@ -91,6 +98,12 @@ def test_bad_input_is_one_line_and_exit_2(args, msg, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_triton_kernels_without_cuda_are_a_user_error(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (CPU test runs set it for the kernel tests)
+    assert cli.main(["bench", "decode", "--kernels", "triton"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_cuda_unavailable_is_a_user_error(capsys, monkeypatch):
@@ -122,3 +135,46 @@ def test_overflowing_random_model_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(decode_bench, "random_model", nan_model)
     assert cli.main(["bench", "decode", "--methods", "full", "--context", "32", "--no-stock"]) == 2
     assert "not finite" in capsys.readouterr().err
+
+
+def _saved(tmp_path, name, cfg):
+    folder = tmp_path / name
+    cfg.save_pretrained(folder)
+    return str(folder)
+
+
+def test_configs_it_cannot_measure_are_refused(tmp_path, capsys):
+    """Local configs the compressed cache cannot run fairly or at all: one line and exit 2 each (a sliding window,
+    which the stock cache would honour and the compressed cache not; an encoder-decoder; a model that is no causal
+    LM)."""
+    from transformers import MistralConfig, T5Config, ViTConfig
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128)
+    cases = [(_saved(tmp_path, "mistral", MistralConfig(**small, sliding_window=16)), "sliding-window"),
+             (_saved(tmp_path, "t5", T5Config(d_model=64, d_ff=128, num_layers=1, num_heads=2, vocab_size=128)),
+              "encoder-decoder"),
+             (_saved(tmp_path, "vit", ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=128)), "causal LM")]
+    for shape, msg in cases:
+        assert cli.main(["bench", "decode", "--shape", shape, "--methods", "full", "--context", "32"]) == 2, shape
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_csv_paths_it_cannot_append_to(tmp_path, capsys):
+    """A directory, or a path under a file, as ``--csv``: one line and exit 2 before anything runs."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for path in (tmp_path, blocker / "out.csv"):
+        assert cli.main(["bench", "decode", "--methods", "full", "--context", "32", "--csv", str(path)]) == 2
+        assert "--csv" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_rows_never_join_a_last_line_without_newline(tmp_path):
+    out = tmp_path / "d.csv"
+    out.write_text(",".join(decode_bench.COLS))  # a header without its newline
+    decode_bench.run(["--methods", "full", "--context", "32", "--new-tokens", "2", "--no-stock", "--csv", str(out)])
+    (row,) = _rows(out)
+    assert row["method"] == "full" and row["context"] == "32"
