@@ -244,10 +244,9 @@ def _decode(model, make_cache, nbytes, context: int, new_tokens: int, device: to
         timer.sync()
     ms = sorted(s.seconds * 1e3 for s in steps)
     end, fp16 = nbytes(cache)
-    return {"prefill_s": t_pre.seconds, "tpot_ms": statistics.median(ms),
-            "tpot_p90_ms": nearest_rank(ms, 0.9),
-            "kv_bytes_prefill": kv_prefill,
-            "kv_bytes_end": end, "compression_ratio": fp16 / end, "peak_mem_bytes": peak.peak, "timing": timer.kind}
+    return {"prefill_s": t_pre.seconds, "tpot_ms": statistics.median(ms), "tpot_p90_ms": nearest_rank(ms, 0.9),
+            "kv_bytes_prefill": kv_prefill, "kv_bytes_end": end, "compression_ratio": fp16 / end,
+            "peak_mem_bytes": peak.peak, "timing": timer.kind}
 
 
 def nearest_rank(sorted_values: list[float], q: float) -> float:
@@ -267,7 +266,8 @@ def _size(n: int) -> str:
 def run(argv: list[str]) -> list[dict]:
     """Parse the arguments, measure every method; returns the rows (also printed, and appended to ``--csv``)."""
     import methods
-    from harness.runner import git_commit
+    from harness.measure import device_name
+    from harness.runner import git_commit, kv_dtype_of
     from methods import attention
 
     a = _parse(argv)
@@ -282,17 +282,17 @@ def run(argv: list[str]) -> list[dict]:
         raise UserError(f"context {a.context} + {a.new_tokens} new tokens exceeds the {a.shape} window of {window} "
                         f"tokens; choose --context up to {window - a.new_tokens}")
     _check_csv(a.csv)
-    dtype = (torch.float16 if device.type == "cuda" else torch.float32) if a.dtype == "auto" else getattr(torch,
-                                                                                                       a.dtype)
+    if a.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, a.dtype)
     if a.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1); choose auto or reference")
     if a.kernels != "auto":
         attention.set_backend(a.kernels)
     torch.manual_seed(a.seed)
     model = random_model(cfg, device, dtype)
-    kv_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-    from harness.measure import device_name
-
+    kv_dtype = kv_dtype_of("auto", dtype)  # as `harness run` stores it: 16-bit, the model's when it is
     rows = []
     runs = [] if a.no_stock else [(STOCK, lambda n, k: measure_stock(model, n, k, device, a.seed))]
     runs += [(m.spec(), lambda n, k, m=m: measure(model, m, n, k, kv_dtype, device, a.seed)) for m in ms]
