@@ -10,7 +10,11 @@ and no download. It prefills ``--context`` random tokens through each method's c
   harness's ``run`` (CUDA events around each step's forward, host launch cost included; wall clock on CPU);
 - the KV bytes after the prefill and at the end (bytes of the real tensors), and the compression ratio against an
   fp16 cache of the same tokens;
-- the peak CUDA memory above the weights.
+- the peak CUDA memory above the weights;
+- on CUDA, ``gpu_ms``: the GPU time of one more decode step's device operations, from the profiler (CUPTI), and
+  ``launches``, their number (kernels, copies). Where ``tpot_ms`` is far above ``gpu_ms``, the step is bound by the
+  host (Python and launches: eager decoding of a large model is), and the gap is the host's, not the method's GPU
+  work.
 
 A first row, ``stock:dynamic-cache+sdpa``, runs the model's own path (transformers' ``DynamicCache``, uncompressed, in
 the model's dtype, and SDPA): the reference a deployment starts from, against which the harness's own ``full`` shows
@@ -52,8 +56,8 @@ SHAPES: dict[str, dict] = {
 }
 STOCK = "stock:dynamic-cache+sdpa"  # the row of the model's own path (not a method of the registry)
 COLS = ["shape", "weights", "device", "dtype", "kernels", "method", "context", "new_tokens", "prefill_s",
-        "tpot_ms", "tpot_p90_ms", "kv_bytes_prefill", "kv_bytes_end", "compression_ratio", "peak_mem_bytes",
-        "timing", "commit"]
+        "tpot_ms", "tpot_p90_ms", "gpu_ms", "launches", "kv_bytes_prefill", "kv_bytes_end", "compression_ratio",
+        "peak_mem_bytes", "timing", "commit"]
 
 
 def model_config(shape: str):
@@ -242,11 +246,30 @@ def _decode(model, make_cache, nbytes, context: int, new_tokens: int, device: to
                 tok = int(forward(cache, torch.tensor([[tok]], device=device), context + i).argmax())
             steps.append(t)
         timer.sync()
+        gpu_ms = launches = None
+        if device.type == "cuda":
+            gpu_ms, launches = kernel_time(lambda: forward(cache, torch.tensor([[tok]], device=device),
+                                                           context + new_tokens).argmax())
     ms = sorted(s.seconds * 1e3 for s in steps)
     end, fp16 = nbytes(cache)
     return {"prefill_s": t_pre.seconds, "tpot_ms": statistics.median(ms), "tpot_p90_ms": nearest_rank(ms, 0.9),
+            "gpu_ms": gpu_ms, "launches": launches,
             "kv_bytes_prefill": kv_prefill, "kv_bytes_end": end, "compression_ratio": fp16 / end,
             "peak_mem_bytes": peak.peak, "timing": timer.kind}
+
+
+def kernel_time(step) -> tuple[float, int]:
+    """(milliseconds, count) of the device operations (kernels, copies, sets) of one call of ``step``, from the
+    profiler's device activity; concurrent streams' times add up."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ops = [e for e in prof.events() if e.device_type == DeviceType.CUDA]  # kernels, copies and sets on the device
+    return sum(e.device_time_total for e in ops) / 1e3, len(ops)
 
 
 def nearest_rank(sorted_values: list[float], q: float) -> float:
@@ -306,8 +329,9 @@ def run(argv: list[str]) -> list[dict]:
                "dtype": str(dtype).removeprefix("torch."), "kernels": a.kernels, "method": name,
                "context": a.context, "new_tokens": a.new_tokens, **r, "commit": git_commit()}
         rows.append(row)
+        gpu = "" if row["gpu_ms"] is None else f", GPU {row['gpu_ms']:.2f} ms in {row['launches']} launches"
         print(f"{name}: prefill {row['prefill_s']:.3f} s, TPOT {row['tpot_ms']:.2f} ms (p90 "
-              f"{row['tpot_p90_ms']:.2f}), KV {_size(row['kv_bytes_end'])} ({row['compression_ratio']:.2f}x)",
+              f"{row['tpot_p90_ms']:.2f}{gpu}), KV {_size(row['kv_bytes_end'])} ({row['compression_ratio']:.2f}x)",
               flush=True)
         if a.csv is not None:
             _append_csv(a.csv, row)

@@ -22,12 +22,21 @@ from tasks.scoring import score as score_answer
 
 
 def git_commit() -> str:
-    """Short commit of this checkout (``$KVHARNESS_GIT_COMMIT`` for copies without ``.git``)."""
+    """Short commit of this checkout, ``+dirty`` when the code measured (harness, methods, kernels, tasks) differs
+    from it (``$KVHARNESS_GIT_COMMIT`` for copies without ``.git``)."""
     if os.environ.get("KVHARNESS_GIT_COMMIT"):
         return os.environ["KVHARNESS_GIT_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+        head = git("rev-parse", "--short=12", "HEAD")
+        if not head:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "harness", "methods", "kernels", "tasks")
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -76,6 +76,28 @@ def counts_of(keep: torch.Tensor, counts: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(x) for x in sums.round().tolist())
 
 
+CHECK_KEPT = False  # tests switch this on: every selection given its kept counts verifies them (costs a device sync)
+
+
+def kept_rows(keep: torch.Tensor, counts: tuple[int, ...], kept: tuple[int, ...] | None = None,
+              rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """What selects ``keep``'s rows, and the kept rows per head.
+
+    Without ``kept`` (the per-head counts of True rows) this is the mask and its counts, read back from the device. A
+    caller that knows ``kept`` on the host gets the rows' indices by ``nonzero_static`` instead: no device sync, so
+    a decode step's eviction does not stall the host (on a GPU, a boolean selection waits for the device to count).
+    ``rows``: those indices, where the caller has them already (a segment selects its K part, V part and aux
+    columns with one computation).
+    """
+    if kept is not None and rows is not None:
+        return rows, tuple(kept)
+    if kept is None:
+        return keep, counts_of(keep, counts)
+    if CHECK_KEPT and counts_of(keep, counts) != tuple(kept):
+        raise AssertionError(f"kept counts {tuple(kept)} given, the mask keeps {counts_of(keep, counts)}")
+    return torch.nonzero_static(keep, size=sum(kept)).squeeze(-1), tuple(kept)
+
+
 class Part(ABC):
     """Rows of one KV tensor in one storage format, grouped by KV head."""
 
@@ -94,8 +116,10 @@ class Part(ABC):
         """Bytes of the real tensors."""
 
     @abstractmethod
-    def select(self, keep: torch.Tensor) -> Part:
-        """Keep the rows where ``keep`` (bool ``[n]``) is True, in order."""
+    def select(self, keep: torch.Tensor, kept: tuple[int, ...] | None = None,
+               rows: torch.Tensor | None = None) -> Part:
+        """Keep the rows where ``keep`` (bool ``[n]``) is True, in order; ``kept``: their number per head, and
+        ``rows``: their indices, where the caller knows them (see :func:`kept_rows`)."""
 
     @abstractmethod
     def cat(self, other: Part) -> Part:
@@ -131,8 +155,10 @@ class Dense(Part):
     def nbytes(self) -> int:
         return _tensor_bytes(self.x)
 
-    def select(self, keep: torch.Tensor) -> Dense:
-        return Dense(self.x[keep], counts_of(keep, self.counts))
+    def select(self, keep: torch.Tensor, kept: tuple[int, ...] | None = None,
+               rows: torch.Tensor | None = None) -> Dense:
+        rows, kept = kept_rows(keep, self.counts, kept, rows)
+        return Dense(self.x[rows], kept)
 
     def cat(self, other: Part) -> Dense:
         x = other.x if isinstance(other, Dense) else other.dequant()
@@ -224,10 +250,12 @@ class TokenQuant(Part):
         idx = (new_row[rows[m]] * self.d + cols[m]).to(torch.int32)
         return idx, self.out_val[m]
 
-    def select(self, keep: torch.Tensor) -> TokenQuant:
+    def select(self, keep: torch.Tensor, kept: tuple[int, ...] | None = None,
+               rows: torch.Tensor | None = None) -> TokenQuant:
         idx, val = self._outliers_select(keep)
-        return TokenQuant(self.words[keep], self.scale[keep], self.zero[keep], self.nbits, self.group, self.d,
-                          counts_of(keep, self.counts), idx, val)
+        rows, kept = kept_rows(keep, self.counts, kept, rows)
+        return TokenQuant(self.words[rows], self.scale[rows], self.zero[rows], self.nbits, self.group, self.d, kept,
+                          idx, val)
 
     def cat(self, other: Part) -> TokenQuant:
         assert isinstance(other, TokenQuant) and other.nbits == self.nbits and other.group == self.group
@@ -279,7 +307,8 @@ class ChannelQuant(Part):
     def _block_counts(self) -> tuple[int, ...]:
         return tuple(c // self.group for c in self.counts)
 
-    def select(self, keep: torch.Tensor) -> ChannelQuant:
+    def select(self, keep: torch.Tensor, kept: tuple[int, ...] | None = None,
+               rows: torch.Tensor | None = None) -> ChannelQuant:
         blocks = keep.reshape(-1, self.group)
         whole = blocks.all(-1)
         if not torch.equal(whole, blocks.any(-1)):

@@ -72,12 +72,23 @@ def accumulate_scores(store: LayerStore, stats: StepStats | None, who: str) -> N
 
 def top_per_head(store: LayerStore, score: torch.Tensor, keep: torch.Tensor, k: int,
                  cand: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask: rows flagged in ``keep`` plus, per KV head, the top-``k`` other rows (among ``cand``) by ``score``."""
-    heads = store.head_ids()
+    """Mask: rows flagged in ``keep`` plus, per KV head, the top-``k`` other rows (among ``cand``) by ``score``.
+
+    Scores must not be ``-inf`` (attention sums are >= 0). When every head holds the same number of rows, one
+    ``topk`` over the ``[heads, rows]`` view does all heads at once, without a device sync; otherwise one per head.
+    """
     final = keep.clone()
     other = ~keep if cand is None else (cand & ~keep)
     if k <= 0:
         return final
+    counts = store.counts()
+    if len(store.segments) == 1 and len(set(counts)) == 1 and counts[0]:
+        h, n = len(counts), counts[0]
+        masked = torch.where(other, score.float(), float("-inf")).reshape(h, n)
+        top = torch.topk(masked, min(k, n), dim=1).indices
+        chosen = torch.zeros_like(masked, dtype=torch.bool).scatter_(1, top, True).reshape(-1)
+        return final | (chosen & other)  # rows of a head with fewer than k others: the -inf picks drop out here
+    heads = store.head_ids()
     for h in range(store.info.n_kv_heads):
         idx = ((heads == h) & other).nonzero().squeeze(-1)
         if idx.numel():
@@ -86,12 +97,22 @@ def top_per_head(store: LayerStore, score: torch.Tensor, keep: torch.Tensor, k: 
     return final
 
 
-def select_rows(store: LayerStore, keep: torch.Tensor, who: str) -> None:
-    """``store.select`` over all rows; per-channel key blocks that would lose single tokens become a SpecError."""
-    if bool(keep.all()):
-        return
+def select_rows(store: LayerStore, keep: torch.Tensor, who: str, kept: tuple[int, ...] | None = None) -> None:
+    """``store.select`` over all rows; per-channel key blocks that would lose single tokens become a SpecError.
+
+    ``kept``: the rows ``keep`` keeps per head, where the policy knows them; with one segment the selection then
+    needs no device sync (:func:`~methods.formats.kept_rows`).
+    """
+    if kept is not None and len(store.segments) == 1:
+        if tuple(kept) == store.counts():
+            return
+        per_segment = [tuple(kept)]
+    else:
+        if bool(keep.all()):
+            return
+        per_segment = None
     try:
-        store.select(store.split_rows(keep))
+        store.select(store.split_rows(keep), per_segment)
     except NotImplementedError as e:
         raise SpecError(f"{who} evicts single tokens after the prefill, but the quantizer keeps keys in per-channel "
                         f"blocks of tokens (kivi), which cannot lose one token; compose kivi with a prefill-only "
@@ -167,9 +188,13 @@ class H2O(Eviction):
         self._evict(store)
 
     def _evict(self, store: LayerStore) -> None:
-        if max(store.counts()) <= store.state["budget"]:
+        counts = store.counts()
+        if max(counts) <= store.state["budget"]:
             return
-        select_rows(store, h2o_keep(store), self.name)
+        # every head holds all of the recent window (it is never evicted), so a head keeps those plus up to `heavy`
+        recent = min(store.state["recent"], store.seen)
+        kept = tuple(min(c, recent + store.state["heavy"]) for c in counts)
+        select_rows(store, h2o_keep(store), self.name, kept)
 
 
 def h2o_keep(store: LayerStore, cand: torch.Tensor | None = None) -> torch.Tensor:

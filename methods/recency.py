@@ -29,7 +29,8 @@ class Recency(Eviction):
     budget: float = field(default=0.25, metadata={"help": "recent tokens kept: ratio of the prompt or tokens"})
 
     def _evict(self, store: LayerStore) -> None:
-        select_rows(store, store.all_rows("pos") >= store.seen - store.state["budget"], self.name)
+        b = store.state["budget"]  # every head holds the newest tokens: each keeps `b` once it has more
+        select_rows(store, store.all_rows("pos") >= store.seen - b, self.name, tuple(min(c, b) for c in store.counts()))
 
     def on_prefill(self, store, stats) -> None:
         self.resolve(store)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from methods.formats import Dense, Part, _add, head_cat, head_offsets
+from methods.formats import Dense, Part, _add, head_cat, head_offsets, kept_rows
 
 
 @dataclass
@@ -96,8 +96,15 @@ class Segment:
     def aux_bytes(self) -> int:
         return sum(a.numel() * a.element_size() for a in self.aux.values())
 
-    def select(self, keep: torch.Tensor) -> Segment | None:
-        """Keep the rows where ``keep`` is True; ``None`` if nothing is left."""
+    def select(self, keep: torch.Tensor, kept: tuple[int, ...] | None = None) -> Segment | None:
+        """Keep the rows where ``keep`` is True; ``None`` if nothing is left. ``kept``: the kept rows per head where
+        the caller knows them; with one part per side the selection then needs no device sync."""
+        if len(self.k) == 1 and len(self.v) == 1 and kept is not None:
+            if not sum(kept):
+                return None
+            rows, kept = kept_rows(keep, self.counts, kept)
+            return Segment([self.k[0].select(keep, kept, rows)], [self.v[0].select(keep, kept, rows)],
+                           {k: a[rows] for k, a in self.aux.items()})
         if not bool(keep.any()):
             return None
         counts = self.counts
@@ -178,9 +185,12 @@ class LayerStore:
                 seg.aux[name] = a.reshape(-1)
             self.segments.append(seg)
 
-    def select(self, keeps: list[torch.Tensor]) -> None:
-        """Apply one keep-mask per segment; drops empty segments."""
-        self.segments = [s for s in (seg.select(m) for seg, m in zip(self.segments, keeps)) if s is not None]
+    def select(self, keeps: list[torch.Tensor], kept: list[tuple[int, ...]] | None = None) -> None:
+        """Apply one keep-mask per segment; drops empty segments. ``kept``: per segment, the kept rows per head,
+        where the caller knows them (see :meth:`Segment.select`)."""
+        kept = kept or [None] * len(self.segments)
+        self.segments = [s for s in (seg.select(m, c) for seg, m, c in zip(self.segments, keeps, kept, strict=True))
+                         if s is not None]
 
     def all_rows(self, name: str) -> torch.Tensor:
         """Concatenation over segments of one aux column."""

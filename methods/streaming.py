@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from methods.eviction import Eviction
+from methods.h2o import select_rows
 from methods.registry import register
 from methods.store import LayerStore
 
@@ -41,7 +42,8 @@ class Streaming(Eviction):
         recent = budget - sinks
         pos = store.all_rows("pos")
         keep = (pos < sinks) | (pos >= store.seen - recent)
-        store.select(store.split_rows(keep))
+        # every head holds all the sinks and the whole recent window, so each keeps `budget` rows once it has more
+        select_rows(store, keep, self.name, tuple(min(c, budget) for c in store.counts()))
 
     def on_prefill(self, store, stats) -> None:
         self.resolve(store)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from methods import formats
 from methods.eviction import Eviction
 from methods.h2o import by_position, select_rows
 from methods.registry import register
@@ -57,8 +58,30 @@ class TOVA(Eviction):
             return
         if stats is None:
             raise RuntimeError("tova: needs the step's attention statistics (Needs(step=True))")
+        if _aligned(store):  # one part per side, every head the same tokens in the same order: no device sync
+            h, n = store.info.n_kv_heads, store.counts()[0]
+            score = stats.last[0].float().reshape(h, n).sum(0) / store.info.n_q_heads
+            top = torch.topk(score, min(b, n)).indices
+            chosen = torch.zeros(n, dtype=torch.bool, device=score.device).scatter_(0, top, True)  # no sync
+            select_rows(store, chosen.repeat(h), self.name, (min(b, n),) * h)
+            return
         uniq, score, inv = by_position(store, torch.cat(stats.last))
         score = score / store.info.n_q_heads
         chosen = torch.zeros(uniq.numel(), dtype=torch.bool, device=score.device)
         chosen[torch.topk(score, min(b, uniq.numel())).indices] = True
         select_rows(store, chosen[inv], self.name)
+
+
+def _aligned(store: LayerStore) -> bool:
+    """Whether row ``i`` of every head is the same token: TOVA keeps the same tokens on every head and appends each
+    new one to every head, so a store of one segment with one part per side and equal heads is (checked in tests)."""
+    if len(store.segments) != 1 or len(set(store.counts())) != 1:
+        return False
+    seg = store.segments[0]
+    if len(seg.k) != 1 or len(seg.v) != 1:
+        return False
+    if formats.CHECK_KEPT:
+        pos = seg.aux["pos"].reshape(store.info.n_kv_heads, -1)
+        if not bool((pos == pos[:1]).all()):
+            raise AssertionError("tova: heads hold different tokens at the same row")
+    return True

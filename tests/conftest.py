@@ -12,6 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every selection whose kept counts a policy states (to skip the device sync) checks them against its mask.
+import methods.formats  # noqa: E402
+
+methods.formats.CHECK_KEPT = True
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

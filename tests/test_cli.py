@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,34 @@ def test_methods_lists_every_method_with_params():
         assert row["name"] in p.stdout and row["paper"] in p.stdout
         for prm in row["params"]:
             assert prm["name"] in p.stdout
+
+
+def test_git_commit_says_dirty_when_the_measured_code_differs(tmp_path, monkeypatch):
+    """Records and leaderboard rows name the commit; a working tree with edits to the code must not pass for it."""
+    import importlib.util
+    import shutil
+
+    monkeypatch.delenv("KVHARNESS_GIT_COMMIT", raising=False)
+    (tmp_path / "harness").mkdir()
+    (tmp_path / "methods").mkdir()
+    shutil.copy(Path(__file__).parent.parent / "harness" / "runner.py", tmp_path / "harness" / "runner.py")
+    (tmp_path / "methods" / "m.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("a\n")
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    spec = importlib.util.spec_from_file_location("runner_copy", tmp_path / "harness" / "runner.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    assert runner.git_commit() == head
+    (tmp_path / "notes.md").write_text("b\n")  # not code: still the commit
+    assert runner.git_commit() == head
+    (tmp_path / "methods" / "m.py").write_text("x = 2\n")
+    assert runner.git_commit() == head + "+dirty"

@@ -178,3 +178,12 @@ def test_rows_never_join_a_last_line_without_newline(tmp_path):
     decode_bench.run(["--methods", "full", "--context", "32", "--new-tokens", "2", "--no-stock", "--csv", str(out)])
     (row,) = _rows(out)
     assert row["method"] == "full" and row["context"] == "32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_time_of_a_step_on_cuda():
+    from harness.decode_bench import kernel_time
+
+    x = torch.randn(1024, 1024, device="cuda")
+    ms, n = kernel_time(lambda: (x @ x).sum())
+    assert n >= 2 and 0 < ms < 1000

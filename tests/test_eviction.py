@@ -28,7 +28,7 @@ EVICTION_SPECS = [
     "pyramidkv", "pyramidkv:window=8,kernel=7,pooling=max",
     "tova",
     "random", "random:per=head,recent=0.5", "random:every_step=false",
-    "recency",
+    "recency", "streaming", "streaming:sinks=0",
 ]
 BUDGETS = [0.1, 0.5, 24]
 NEW_METHODS = ["h2o", "snapkv", "pyramidkv", "tova", "random", "recency", "mikv"]
@@ -377,3 +377,60 @@ def test_h2o_with_kivi_is_a_clear_spec_error(model):
     after keys were packed; parse time would need a change in the shared registry, see the report)."""
     with pytest.raises(SpecError, match="per-channel"):
         run_cache(model, parse_spec("h2o:budget=0.5+kivi:bits=2,group=16,residual=16"), prompt(), n_decode=3)
+
+
+# -- selections that state their kept counts (no device sync on a GPU) ---------------------------------------------
+def _top_per_head_loop(heads: torch.Tensor, score: torch.Tensor, keep: torch.Tensor, k: int, cand) -> torch.Tensor:
+    """The per-head definition: ``keep`` plus, per head, the top-``k`` scores among the other (candidate) rows."""
+    final = keep.clone()
+    other = ~keep if cand is None else cand & ~keep
+    for h in heads.unique():
+        idx = ((heads == h) & other).nonzero().squeeze(-1)
+        if idx.numel() and k > 0:
+            final[idx[torch.topk(score[idx], min(k, idx.numel())).indices]] = True
+    return final
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [0, 1, 5, 40])
+def test_top_per_head_all_heads_at_once_is_the_per_head_rule(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    store = make_store(30, hk=3, hq=6)
+    n = store.counts()
+    assert len(set(n)) == 1  # the one-topk path
+    score = torch.rand(sum(n), generator=g)
+    keep = torch.rand(sum(n), generator=g) < 0.3
+    cand = (torch.rand(sum(n), generator=g) < 0.5) if seed % 2 else None
+    got = h2o.top_per_head(store, score, keep, k, cand)
+    assert torch.equal(got, _top_per_head_loop(store.head_ids(), score, keep, k, cand))
+
+
+def test_kept_rows_gives_the_masks_rows_and_checks_the_counts():
+    from methods import formats
+
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    rows, kept = formats.kept_rows(keep, (4, 4), (3, 1))
+    assert kept == (3, 1) and rows.tolist() == [0, 2, 3, 6]
+    assert formats.kept_rows(keep, (4, 4)) == (keep, (3, 1))
+    assert formats.CHECK_KEPT  # tests/conftest.py: every stated count is verified
+    with pytest.raises(AssertionError, match="kept counts"):
+        formats.kept_rows(keep, (4, 4), (2, 2))
+    d = Dense(torch.arange(8.0)[:, None], (4, 4))
+    assert torch.equal(d.select(keep, (3, 1)).x, d.select(keep).x)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tova_aligned_path_is_the_by_position_rule(seed, monkeypatch):
+    stores = []
+    for aligned in (True, False):
+        monkeypatch.setattr(tova, "_aligned", lambda s, a=aligned: a)
+        store = make_store(20, hk=2, hq=4)
+        m = tova.TOVA(budget=7)
+        m.on_prefill(store, PrefillStats(last_n=torch.rand(2, 2, 1, 20, generator=torch.Generator().manual_seed(seed))))
+        gg = torch.Generator().manual_seed(seed)
+        for _ in range(5):
+            append_token(store)
+            m.on_append(store, StepStats(sum=[], max=[], last=[torch.rand(store.segments[0].n, generator=gg)],
+                                         n_queries=1))
+        stores.append(kept_positions(store))
+    assert stores[0] == stores[1]
