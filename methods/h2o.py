@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from methods import formats
 from methods.base import SpecError
 from methods.eviction import Eviction
 from methods.formats import Dense
@@ -105,6 +106,8 @@ def select_rows(store: LayerStore, keep: torch.Tensor, who: str, kept: tuple[int
     """
     if kept is not None and len(store.segments) == 1:
         if tuple(kept) == store.counts():
+            if formats.CHECK_KEPT and not bool(keep.all()):
+                raise AssertionError(f"{who}: kept counts {tuple(kept)} say every row stays, the mask drops some")
             return
         per_segment = [tuple(kept)]
     else:
