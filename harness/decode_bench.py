@@ -246,12 +246,12 @@ def _decode(model, make_cache, nbytes, context: int, new_tokens: int, device: to
                 tok = int(forward(cache, torch.tensor([[tok]], device=device), context + i).argmax())
             steps.append(t)
         timer.sync()
-        gpu_ms = launches = None
-        if device.type == "cuda":
-            gpu_ms, launches = kernel_time(lambda: forward(cache, torch.tensor([[tok]], device=device),
-                                                           context + new_tokens).argmax())
+        end, fp16 = nbytes(cache)
+    gpu_ms = launches = None
+    if device.type == "cuda":  # one more step, after the bytes and outside the peak: it adds a token
+        gpu_ms, launches = kernel_time(lambda: forward(cache, torch.tensor([[tok]], device=device),
+                                                       context + new_tokens).argmax())
     ms = sorted(s.seconds * 1e3 for s in steps)
-    end, fp16 = nbytes(cache)
     return {"prefill_s": t_pre.seconds, "tpot_ms": statistics.median(ms), "tpot_p90_ms": nearest_rank(ms, 0.9),
             "gpu_ms": gpu_ms, "launches": launches,
             "kv_bytes_prefill": kv_prefill, "kv_bytes_end": end, "compression_ratio": fp16 / end,

@@ -35,7 +35,7 @@ def git_commit() -> str:
         head = git("rev-parse", "--short=12", "HEAD")
         if not head:
             return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "harness", "methods", "kernels", "tasks")
+        dirty = git("status", "--porcelain", "--", "harness", "methods", "kernels", "tasks")  # untracked too
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -98,5 +98,9 @@ def test_git_commit_says_dirty_when_the_measured_code_differs(tmp_path, monkeypa
     assert runner.git_commit() == head
     (tmp_path / "notes.md").write_text("b\n")  # not code: still the commit
     assert runner.git_commit() == head
+    (tmp_path / "methods" / "new.py").write_text("y = 1\n")  # a new file in the code, not yet committed
+    assert runner.git_commit() == head + "+dirty"
+    (tmp_path / "methods" / "new.py").unlink()
+    assert runner.git_commit() == head
     (tmp_path / "methods" / "m.py").write_text("x = 2\n")
     assert runner.git_commit() == head + "+dirty"
