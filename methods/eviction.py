@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from methods.base import Method, check_budget_param, resolve_budget
 from methods.store import LayerStore
 
@@ -40,17 +38,3 @@ class Eviction(Method):
         extra = 0 if self.decode_evicts else store.seen - store.state["prefill_len"]
         return store.state["budget"] + extra
 
-
-def keep_top_per_head(store: LayerStore, score: torch.Tensor, keep: torch.Tensor, k: int) -> None:
-    """Keep, per KV head, the rows already flagged in ``keep`` plus the top-``k`` other rows by ``score``.
-
-    ``score`` and ``keep`` are aligned with ``store.all_rows`` (all segments concatenated).
-    """
-    heads = store.head_ids()
-    final = keep.clone()
-    for h in range(store.info.n_kv_heads):
-        cand = ((heads == h) & ~keep).nonzero().squeeze(-1)
-        if k > 0 and cand.numel():
-            top = torch.topk(score[cand], min(k, cand.numel())).indices
-            final[cand[top]] = True
-    store.select(store.split_rows(final))

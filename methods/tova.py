@@ -58,18 +58,16 @@ class TOVA(Eviction):
             return
         if stats is None:
             raise RuntimeError("tova: needs the step's attention statistics (Needs(step=True))")
+        h = store.info.n_kv_heads
         if _aligned(store):  # one part per side, every head the same tokens in the same order: no device sync
-            h, n = store.info.n_kv_heads, store.counts()[0]
-            score = stats.last[0].float().reshape(h, n).sum(0) / store.info.n_q_heads
-            top = torch.topk(score, min(b, n)).indices
-            chosen = torch.zeros(n, dtype=torch.bool, device=score.device).scatter_(0, top, True)  # no sync
-            select_rows(store, chosen.repeat(h), self.name, (min(b, n),) * h)
-            return
-        uniq, score, inv = by_position(store, torch.cat(stats.last))
-        score = score / store.info.n_q_heads
-        chosen = torch.zeros(uniq.numel(), dtype=torch.bool, device=score.device)
-        chosen[torch.topk(score, min(b, uniq.numel())).indices] = True
-        select_rows(store, chosen[inv], self.name)
+            score = stats.last[0].float().reshape(h, -1).sum(0)  # per token, summed over the KV heads
+            rows_of, kept = (lambda c: c.repeat(h)), (min(b, score.numel()),) * h
+        else:
+            _, score, inv = by_position(store, torch.cat(stats.last))
+            rows_of, kept = (lambda c: c[inv]), None
+        top = torch.topk(score / store.info.n_q_heads, min(b, score.numel())).indices
+        chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device).scatter_(0, top, True)
+        select_rows(store, rows_of(chosen), self.name, kept)
 
 
 def _aligned(store: LayerStore) -> bool:
