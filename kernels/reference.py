@@ -130,6 +130,24 @@ def partial_attention(
     return out, lse, s
 
 
+def causal_colsum(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 512) -> torch.Tensor:
+    """Float32 ``[H_kv, T]``: column sums of the causal softmax of ``q [H_q, T, d]`` against ``k [H_kv, T, d]``, summed
+    over each KV head's query heads (GQA groups) and over the queries (H2O's accumulated attention). The softmax
+    rows are formed in float32, ``chunk`` queries at a time (each chunk against the keys it can see)."""
+    hq, T, d = q.shape
+    hk = k.shape[0]
+    qg = q.float().reshape(hk, hq // hk, T, d)
+    kf = k.float()
+    acc = torch.zeros(hk, T, device=q.device)
+    for start in range(0, T, chunk):
+        stop = min(T, start + chunk)
+        s = torch.einsum("hgnd,htd->hgnt", qg[:, :, start:stop], kf[:, :stop]) * scale
+        causal = torch.arange(stop, device=q.device)[None, :] <= torch.arange(start, stop, device=q.device)[:, None]
+        p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        acc[:, :stop] += p.sum((1, 2))
+    return acc
+
+
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-decoding merge: combine normalised partial outputs by their log-sum-exps. Exact."""
     lse = torch.logsumexp(torch.stack(lses), dim=0)

@@ -206,28 +206,24 @@ def triton_attend(q: torch.Tensor, segments, scale: float, lq: int, want: bool, 
 
 
 def prefill_stats(q: torch.Tensor, k: torch.Tensor, scale: float, needs: Needs) -> PrefillStats:
-    """Statistics of a causal prefill. ``q [H_q, T, d]``, ``k [H_kv, T, d]``."""
+    """Statistics of a causal prefill. ``q [H_q, T, d]``, ``k [H_kv, T, d]``. The column sums run in the Triton
+    kernels of :mod:`kernels.triton_colsum` where attention does (:func:`use_triton`), else in plain torch."""
     hq, T, d = q.shape
     hk = k.shape[0]
-    g = hq // hk
-    qg = q.float().reshape(hk, g, T, d)
-    kf = k.float()
     stats = PrefillStats()
     if needs.last_n:
         n = min(needs.last_n, T)
-        s = torch.einsum("hgnd,htd->hgnt", qg[:, :, T - n:], kf) * scale
+        s = torch.einsum("hgnd,htd->hgnt", q[:, T - n:].float().reshape(hk, hq // hk, n, d), k.float()) * scale
         qpos = torch.arange(T - n, T, device=q.device)
         causal = torch.arange(T, device=q.device)[None, :] <= qpos[:, None]
         stats.last_n = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
     if needs.colsum:
-        acc = torch.zeros(hk, T, device=q.device)
-        for start in range(0, T, COLSUM_CHUNK):
-            stop = min(T, start + COLSUM_CHUNK)
-            s = torch.einsum("hgnd,htd->hgnt", qg[:, :, start:stop], kf[:, :stop]) * scale
-            causal = torch.arange(stop, device=q.device)[None, :] <= torch.arange(start, stop, device=q.device)[:, None]
-            p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-            acc[:, :stop] += p.sum((1, 2))
-        stats.colsum = acc
+        if use_triton(q.device):
+            from kernels import triton_colsum
+
+            stats.colsum = triton_colsum.causal_colsum(q, k, scale)
+        else:
+            stats.colsum = ref.causal_colsum(q, k, scale, COLSUM_CHUNK)
     if needs.qnorm:
         stats.qnorm2 = q.float().pow(2).sum(-1)
     return stats
