@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -20,23 +21,39 @@ from harness.results import RESULTS, append_record, read_records, record_key, wr
 from tasks import LengthError
 from tasks.scoring import score as score_answer
 
+CODE_DIRS = ("harness", "methods", "kernels", "tasks")
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+
+
+def code_digest(root: Path | None = None) -> str:
+    """First 10 hex digits of a sha256 over the measured code as it is on disk: every file under
+    :data:`CODE_DIRS` that git tracks or would track (path and bytes, sorted by path). A checkout of a commit gives
+    the same digest as any copy of that commit's code, so a ``+dirty`` row can be matched to a commit."""
+    root = root or Path(__file__).resolve().parent.parent
+    names = sorted(set(_git(root, "ls-files", "-co", "--exclude-standard", "--", *CODE_DIRS).splitlines()))
+    h = hashlib.sha256()
+    for name in names:
+        f = root / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:10]
+
 
 def git_commit() -> str:
-    """Short commit of this checkout, ``+dirty`` when the code measured (harness, methods, kernels, tasks) differs
-    from it (``$KVHARNESS_GIT_COMMIT`` for copies without ``.git``)."""
+    """Short commit of this checkout; ``+dirty:<code_digest>`` when the code measured (harness, methods, kernels,
+    tasks) differs from it (``$KVHARNESS_GIT_COMMIT`` for copies without ``.git``)."""
     if os.environ.get("KVHARNESS_GIT_COMMIT"):
         return os.environ["KVHARNESS_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-
     try:
-        head = git("rev-parse", "--short=12", "HEAD")
+        head = _git(root, "rev-parse", "--short=12", "HEAD")
         if not head:
             return "unknown"
-        dirty = git("status", "--porcelain", "--", "harness", "methods", "kernels", "tasks")  # untracked too
-        return head + ("+dirty" if dirty else "")
+        dirty = _git(root, "status", "--porcelain", "--", *CODE_DIRS)  # untracked too
+        return head + (f"+dirty:{code_digest(root)}" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -98,9 +98,15 @@ def test_git_commit_says_dirty_when_the_measured_code_differs(tmp_path, monkeypa
     assert runner.git_commit() == head
     (tmp_path / "notes.md").write_text("b\n")  # not code: still the commit
     assert runner.git_commit() == head
+    clean = runner.code_digest(tmp_path)
     (tmp_path / "methods" / "new.py").write_text("y = 1\n")  # a new file in the code, not yet committed
-    assert runner.git_commit() == head + "+dirty"
+    added = runner.code_digest(tmp_path)
+    assert added != clean and runner.git_commit() == f"{head}+dirty:{added}"
     (tmp_path / "methods" / "new.py").unlink()
-    assert runner.git_commit() == head
+    assert runner.git_commit() == head and runner.code_digest(tmp_path) == clean
     (tmp_path / "methods" / "m.py").write_text("x = 2\n")
-    assert runner.git_commit() == head + "+dirty"
+    edited = runner.code_digest(tmp_path)
+    assert edited not in (clean, added) and runner.git_commit() == f"{head}+dirty:{edited}"
+    # the digest names the code, not the checkout: committing the edit leaves it as it was
+    git("commit", "-qam", "d")
+    assert runner.code_digest(tmp_path) == edited and runner.git_commit() != head
