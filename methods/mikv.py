@@ -7,8 +7,9 @@ from typing import Literal
 
 import torch
 
+from methods import formats
 from methods.base import BudgetViolation, Method, SpecError, check_budget_param, resolve_budget
-from methods.formats import Dense, Part, TokenQuant, head_cat, quantize_tokens
+from methods.formats import Dense, Part, TokenQuant, head_cat, kept_rows, quantize_tokens
 from methods.h2o import SCORE, accumulate_scores, check_share, h2o_keep, resolve_share
 from methods.registry import register
 from methods.stats import Needs
@@ -129,11 +130,63 @@ class MiKV(Method):
         return torch.cat(masks).to(store.info.device)
 
     def _resplit(self, store: LayerStore) -> None:
+        layout = self._decode_layout(store)
+        if layout is not None:
+            self._resplit_layout(store, *layout)
+            return
         lo = self.low_mask(store)
         hi = h2o_keep(store, cand=~lo)  # never promote a low-precision row
         to_lo = lo | ~hi
         for i, (seg, m) in enumerate(zip(store.segments, store.split_rows(to_lo), strict=True)):
             store.segments[i] = self._repack(seg, m.cpu(), store.info.dtype, store.info.head_dim)
+
+    def _decode_layout(self, store: LayerStore) -> tuple[Part | None, Dense, Part | None, Dense] | None:
+        """``(low K, high K, low V, high V)`` when the store is what :meth:`_repack` leaves plus the folded new rows:
+        one segment whose K and V are ``[low part, dense part]`` (or the dense part alone), every head holding the
+        same rows of each (``hi_bits=16``). ``None`` for anything else (the general path takes it)."""
+        if self.hi_bits != 16 or len(store.segments) != 1:
+            return None
+        seg = store.segments[0]
+        if len(seg.k) != len(seg.v) or len(seg.k) not in (1, 2) or SCORE not in seg.aux:
+            return None
+        (*lo_k, hi_k), (*lo_v, hi_v) = seg.k, seg.v
+        lk, lv = (lo_k[0], lo_v[0]) if lo_k else (None, None)
+        if not (isinstance(hi_k, Dense) and isinstance(hi_v, Dense)) or len(set(hi_k.counts)) != 1:
+            return None
+        if lk is not None and not (self._is_lo(lk) and self._is_lo(lv) and len(set(lk.counts)) == 1):
+            return None
+        return lk, hi_k, lv, hi_v
+
+    def _resplit_layout(self, store: LayerStore, lk: Part | None, hk: Dense, lv: Part | None, hv: Dense) -> None:
+        """:meth:`_resplit` for :meth:`_decode_layout`'s layout, with every count known on the host: the low rows of
+        a head are its first ``n_lo``; H2O keeps ``min(n_hi, recent + heavy)`` high rows per head (the recent rows
+        are all high: a row is recent from its first step on, so it was never demoted); the others are quantized
+        and appended to the low part. Same parts, order and aux as :meth:`_repack`, without a device sync."""
+        seg = store.segments[0]
+        h, n_lo, n_hi = len(seg.counts), (lk.counts[0] if lk is not None else 0), hk.counts[0]
+        n = n_lo + n_hi
+        dev = seg.aux[SCORE].device
+        lo = (torch.arange(n, device=dev) < n_lo).repeat(h)
+        keep = h2o_keep(store, cand=~lo).reshape(h, n)[:, n_lo:].reshape(-1)  # over the high part's rows
+        kept = min(n_hi, min(store.state["recent"], store.seen) + store.state["heavy"])
+        if kept == n_hi:
+            if formats.CHECK_KEPT:
+                assert bool(keep.all()), "mikv: every high row kept, but the mask drops some"
+            return
+        rows_hi, kept_c = kept_rows(keep, hk.counts, (kept,) * h)
+        rows_lo, lo_c = kept_rows(~keep, hk.counts, (n_hi - kept,) * h)
+        g, dtype = self._group(store.info.head_dim), store.info.dtype
+        new = []
+        for low, high in ((lk, hk), (lv, hv)):
+            demoted = quantize_tokens(high.x[rows_lo].float(), lo_c, self.lo_bits, g, dtype)
+            new.append([demoted if low is None else low.cat(demoted), Dense(high.x[rows_hi], kept_c)])
+        aux = {}
+        for name, a in seg.aux.items():
+            a = a.reshape(h, n)
+            a_hi = a[:, n_lo:].reshape(-1)
+            aux[name] = torch.cat([a[:, :n_lo], a_hi[rows_lo].reshape(h, -1), a_hi[rows_hi].reshape(h, -1)], 1) \
+                .reshape(-1)
+        store.segments[0] = Segment(new[0], new[1], aux)
 
     def _repack(self, seg: Segment, to_lo: torch.Tensor, dtype: torch.dtype, d: int) -> Segment:
         """Rebuild a segment as [low part, high part]: demoted rows are quantized, kept packed rows stay as they are."""
@@ -176,8 +229,12 @@ class MiKV(Method):
         super().check_budget(store)
         if "budget" not in store.state:
             return
-        lo = self.low_mask(store)
-        hi = torch.bincount(store.head_ids()[~lo].cpu(), minlength=store.info.n_kv_heads)
+        layout = self._decode_layout(store)
+        if layout is not None:  # the high rows are the dense part's: counted on the host
+            hi = torch.tensor(layout[1].counts)
+        else:
+            lo = self.low_mask(store)
+            hi = torch.bincount(store.head_ids()[~lo].cpu(), minlength=store.info.n_kv_heads)
         if int(hi.max()) > store.state["budget"]:
             raise BudgetViolation(f"{self.spec()}: layer {store.info.layer} holds {hi.tolist()} high-precision rows "
                                   f"per head, budget {store.state['budget']}")

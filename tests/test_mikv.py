@@ -132,3 +132,26 @@ def test_mikv_cannot_follow_an_eviction(model):
 
     with pytest.raises(SpecError, match="cannot compose"):
         parse_spec("recency:budget=0.5+mikv")
+
+
+@pytest.mark.parametrize("spec", ["mikv", "mikv:budget=24", "mikv:recent=0,lo_bits=2,group=8",
+                                  "mikv:recent=1.0,lo_bits=4", "mikv:budget=0.1,recent=3", "mikv:budget=1000"])
+def test_decode_layout_path_equals_the_general_path(model, spec, monkeypatch):
+    """The decode steps' host-counted resplit (``_resplit_layout``) leaves the same parts, rows, aux and logits as the
+    general mask-and-repack path; and it is the one that runs once the store has MiKV's layout."""
+    ids = prompt()
+    calls = []
+    fast = mikv.MiKV._resplit_layout
+    monkeypatch.setattr(mikv.MiKV, "_resplit_layout", lambda self, *a: calls.append(1) or fast(self, *a))
+    cache_f, logits_f = run_cache(model, parse_spec(spec), ids, n_decode=N_DECODE)
+    assert len(calls) >= N_DECODE * len(cache_f.layers)  # every decode step of every layer
+    monkeypatch.setattr(mikv.MiKV, "_decode_layout", lambda self, store: None)
+    cache_g, logits_g = run_cache(model, parse_spec(spec), ids, n_decode=N_DECODE)
+    assert all(torch.equal(a, b) for a, b in zip(logits_f, logits_g, strict=True))
+    for lf, lg in zip(cache_f.layers, cache_g.layers, strict=True):
+        (sf,), (sg,) = lf.store.segments, lg.store.segments
+        assert sf.describe() == sg.describe() and sf.counts == sg.counts
+        for pf, pg in zip(sf.k + sf.v, sg.k + sg.v, strict=True):
+            assert pf.counts == pg.counts
+            assert torch.equal(pf.dequant(), pg.dequant())
+        assert sf.aux.keys() == sg.aux.keys() and all(torch.equal(sf.aux[n], sg.aux[n]) for n in sf.aux)
