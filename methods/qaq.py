@@ -224,11 +224,13 @@ class Qaq(Method):
         x = stats.qnorm2.float().reshape(-1)
         return float(torch.kthvalue(x.cpu(), max(1, math.ceil(0.9 * x.numel()))).values)  # nearest-rank p90
 
-    def _bits(self, g: torch.Tensor, T: int, M: torch.Tensor | float, force: torch.Tensor) -> torch.Tensor:
-        """Logical bits per group of ``g [G, N]`` for the bound ``M``."""
+    def _bits(self, g: torch.Tensor, T: int, M: torch.Tensor | float, force: torch.Tensor,
+              stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Logical bits per group of ``g [G, N]`` for the bound ``M``; ``stats``: the groups' outlier mask, mean,
+        min and max."""
         if not self.attention:
             return torch.full((g.shape[0],), self.bits, dtype=torch.int64, device=g.device)
-        _, mn, mx = group_stats(g, outlier_mask(g, self.outliers))
+        _, _, mn, mx = stats
         b = bits_from_bound(mx - mn, M, self.n_min, self.n_max)
         if T <= 1:
             b = torch.full_like(b, self.n_max)
@@ -254,8 +256,10 @@ class Qaq(Method):
             else:
                 a = torch.ones(seg.n) if a_row is None else a_row
                 M = value_bound(T, self.err, row_values_to_groups(a.to(x.device), counts, lvl), x.dtype)
-            bits = self._bits(g, T, M, force)
-            q = quantize_groups(g, bits, self.outliers, self.mode)
+            out = outlier_mask(g, self.outliers)
+            stats = (out, *group_stats(g, out))
+            bits = self._bits(g, T, M, force, stats)
+            q = quantize_groups(g, bits, self.outliers, self.mode, stats)
             cont = torch.where((bits >= 5) & (bits <= 7), 8, bits)
             rows[name] = RowData(x, group_values_to_rows(cont, counts, lvl),
                                  groups_to_rows(q.codes, counts, lvl), group_values_to_rows(q.scale, counts, lvl),

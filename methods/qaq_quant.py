@@ -93,8 +93,12 @@ class QuantGroups:
     fake: torch.Tensor  # [G, N] dtype: the reference quantizer's dequantized output (outliers exact)
 
 
-def quantize_groups(g: torch.Tensor, bits: torch.Tensor, ratio: float, mode: str = "faithful") -> QuantGroups:
+def quantize_groups(g: torch.Tensor, bits: torch.Tensor, ratio: float, mode: str = "faithful",
+                    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantGroups:
     """Quantize each group (row) of ``g [G, N]`` at ``bits [G]`` (0..8) with outliers at ``ratio``.
+
+    ``stats``: ``(outlier_mask(g, ratio), *group_stats(g, that mask))`` where the caller has them already (QAQ's bit
+    allocation needs the same range), so they are not computed twice.
 
     ``faithful`` reproduces ``src/quantizer.py`` L215-262: ``s = R/2^n``, ``q = clamp(round((x-mu)/s), -2^(n-1),
     2^(n-1)-1)`` (round half to even), ``x_hat = q*s + mu``; 0 bits give ``mu - R/2``; statistics over non-outliers.
@@ -103,8 +107,11 @@ def quantize_groups(g: torch.Tensor, bits: torch.Tensor, ratio: float, mode: str
     A zero range gives ``s = 0`` and every non-outlier dequantizes to ``mu`` (faithful) or ``min`` (fixed).
     """
     dt = g.dtype
-    out = outlier_mask(g, ratio)
-    mu, mn, mx = group_stats(g, out)
+    if stats is None:
+        out = outlier_mask(g, ratio)
+        mu, mn, mx = group_stats(g, out)
+    else:
+        out, mu, mn, mx = stats
     R = mx - mn
     nb = bits.to(device=g.device, dtype=torch.int64)
     levels = torch.pow(2.0, nb.double())  # 2^n as exact doubles
