@@ -30,10 +30,13 @@ def _git(root: Path, *args: str) -> str:
 
 def code_digest(root: Path | None = None) -> str:
     """First 10 hex digits of a sha256 over the measured code as it is on disk: every file under
-    :data:`CODE_DIRS` that git tracks or would track (path and bytes, sorted by path). A checkout of a commit gives
-    the same digest as any copy of that commit's code, so a ``+dirty`` row can be matched to a commit."""
+    :data:`CODE_DIRS` that git tracks or would track (path and bytes, sorted by path). Two copies of a commit's code
+    give the same digest, so a ``+dirty`` row can be matched to a commit. It hashes the bytes on disk: a checkout
+    that rewrites line ends (``core.autocrlf``) differs, and a file ignored by this machine's git exclude settings is
+    left out (nor does it make the tree dirty)."""
     root = root or Path(__file__).resolve().parent.parent
-    names = sorted(set(_git(root, "ls-files", "-co", "--exclude-standard", "--", *CODE_DIRS).splitlines()))
+    listed = _git(root, "ls-files", "-z", "-co", "--exclude-standard", "--", *CODE_DIRS)  # -z: names as they are
+    names = sorted(set(filter(None, listed.split("\0"))))
     h = hashlib.sha256()
     for name in names:
         f = root / name

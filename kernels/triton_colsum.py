@@ -17,11 +17,14 @@ as in the reference's float32 einsum, and the sums differ from it only in their 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
+from kernels import reference as ref
 from kernels.triton_tiles import new_empty
 
 LOG2E = 1.4426950408889634
@@ -93,15 +96,44 @@ def _rows_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def causal_colsum(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int = 64, block_n: int = 128,
-                  block_n_cols: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+@dataclass(frozen=True)
+class Config:
+    """Block sizes: ``block_m`` queries per tile in both passes, ``block_n`` keys per step of the lse pass,
+    ``block_n_cols`` keys per program of the column pass."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_n_cols: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# The first was the fastest of seven configurations on an H100 at 32k (32 / 8 heads, d = 128, fp16: 30.7 ms per
+# layer against 31.4-37.0; the float32 chunked reference 357 ms, the causal SDPA prefill itself 15.4 ms). The others
+# need less shared memory (float32 inputs or d = 256 exceed the first's on some GPUs: fp32 at d = 256 asks 320 KB).
+CONFIGS = (Config(), Config(64, 64, 64, 4, 2), Config(32, 32, 32, 4, 1))
+_FITS: dict = {}  # (device, dtype, d) -> index in CONFIGS of the first configuration that compiled there
+
+
+def _launch(q, k, lse, out, scale2: float, cfg: Config, block_d: int, ieee: bool) -> None:
+    hq, T, d = q.shape
+    hk = k.shape[0]
+    common = dict(G=hq // hk, D=d, BLOCK_D=block_d, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _row_lse_kernel[(triton.cdiv(T, cfg.block_m), hq)](q, k, lse, T, q.stride(0), q.stride(1), k.stride(0),
+                                                       k.stride(1), scale2, BLOCK_M=cfg.block_m,
+                                                       BLOCK_N=cfg.block_n, **common)
+    _colsum_kernel[(triton.cdiv(T, cfg.block_n_cols), hk)](q, k, lse, out, T, q.stride(0), q.stride(1), k.stride(0),
+                                                           k.stride(1), scale2, BLOCK_M=cfg.block_m,
+                                                           BLOCK_N=cfg.block_n_cols, **common)
+
+
+def causal_colsum(q: torch.Tensor, k: torch.Tensor, scale: float, config: Config | None = None) -> torch.Tensor:
     """Float32 ``[H_kv, T]`` column sums of the causal softmax of ``q [H_q, T, d]`` against ``k [H_kv, T, d]``
     (query heads grouped over KV heads as in GQA), summed over each KV head's query heads.
 
-    Blocks: ``block_m`` queries per tile in both passes, ``block_n`` keys per step of the lse pass, ``block_n_cols``
-    keys per program of the column pass. The defaults were the fastest of seven configurations on an H100 at 32k
-    (32 / 8 heads, d = 128, fp16: 30.7 ms per layer against 31.4-37.0; the float32 chunked reference 357 ms, the
-    causal SDPA prefill itself 15.4 ms)."""
+    ``config``: one block configuration, or ``None`` for the first of :data:`CONFIGS` that fits the GPU's shared
+    memory (remembered per device, dtype and head dimension); where none fits, the plain-torch
+    :func:`kernels.reference.causal_colsum` gives the result."""
     hq, T, d = q.shape
     hk = k.shape[0]
     if k.shape[1:] != (T, d) or hq % hk or q.dtype != k.dtype:
@@ -116,10 +148,16 @@ def causal_colsum(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int =
     if T == 0:
         return out
     scale2 = float(scale) * LOG2E
-    common = dict(G=hq // hk, D=d, BLOCK_D=block_d, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
-    _row_lse_kernel[(triton.cdiv(T, block_m), hq)](q, k, lse, T, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                                   scale2, BLOCK_M=block_m, BLOCK_N=block_n, **common)
-    _colsum_kernel[(triton.cdiv(T, block_n_cols), hk)](q, k, lse, out, T, q.stride(0), q.stride(1), k.stride(0),
-                                                       k.stride(1), scale2, BLOCK_M=block_m,
-                                                       BLOCK_N=block_n_cols, **common)
-    return out
+    if config is not None:
+        _launch(q, k, lse, out, scale2, config, block_d, ieee)
+        return out
+    key = (q.device, q.dtype, d)
+    for i in range(_FITS.get(key, 0), len(CONFIGS)):
+        try:
+            _launch(q, k, lse, out, scale2, CONFIGS[i], block_d, ieee)
+        except OutOfResources:
+            continue
+        _FITS[key] = i
+        return out
+    _FITS[key] = len(CONFIGS)
+    return ref.causal_colsum(q, k, scale)

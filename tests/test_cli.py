@@ -109,4 +109,10 @@ def test_git_commit_says_dirty_when_the_measured_code_differs(tmp_path, monkeypa
     assert edited not in (clean, added) and runner.git_commit() == f"{head}+dirty:{edited}"
     # the digest names the code, not the checkout: committing the edit leaves it as it was
     git("commit", "-qam", "d")
-    assert runner.code_digest(tmp_path) == edited and runner.git_commit() != head
+    head2 = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=tmp_path, capture_output=True,
+                           text=True).stdout.strip()
+    assert head2 != head and runner.git_commit() == head2 and runner.code_digest(tmp_path) == edited
+    (tmp_path / "methods" / "café.py").write_text("z = 1\n")  # a name git quotes without -z
+    accented = runner.code_digest(tmp_path)
+    (tmp_path / "methods" / "café.py").write_text("z = 2\n")
+    assert len({edited, accented, runner.code_digest(tmp_path)}) == 3

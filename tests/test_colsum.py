@@ -130,3 +130,30 @@ def test_kernel_matches_float64_gpu(dtype):
     q, k = inputs(32, 8, 1543, 128, dtype, 5, spread=4.0)
     got = triton_colsum.causal_colsum(q, k, 128 ** -0.5)
     assert torch.isfinite(got).all() and rel(got, colsum64(q, k, 128 ** -0.5)) < 1e-4
+
+
+@pytest.mark.parametrize("fits", [2, 3])
+def test_configurations_that_do_not_fit_fall_back(fits, monkeypatch):
+    """A GPU whose shared memory the first configurations exceed (fp32 at d = 256 asks 320 KB on an H100) gets the
+    next one that compiles, remembered for that device, dtype and head dimension; where none does, the reference."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+    launch = triton_colsum._launch
+
+    def small_gpu(q, k, lse, out, scale2, cfg, block_d, ieee):
+        tried.append(triton_colsum.CONFIGS.index(cfg))
+        if triton_colsum.CONFIGS.index(cfg) < fits:
+            raise OutOfResources(327680, 232448, "shared memory")
+        launch(q, k, lse, out, scale2, cfg, block_d, ieee)
+
+    monkeypatch.setattr(triton_colsum, "_launch", small_gpu)
+    monkeypatch.setattr(triton_colsum, "_FITS", {})
+    q, k = inputs(4, 2, 50, 24, torch.float32, fits)
+    for _ in range(2):
+        got = triton_colsum.causal_colsum(q, k, 0.3)
+        assert torch.isfinite(got).all() and rel(got, colsum64(q, k, 0.3)) < 1e-4
+    assert tried == [0, 1, 2] + ([2] if fits == 2 else [])  # the second call starts where the first succeeded
+    assert triton_colsum._FITS == {(q.device, torch.float32, 24): fits}
+    with pytest.raises(OutOfResources):  # an explicit configuration is not replaced
+        triton_colsum.causal_colsum(q, k, 0.3, triton_colsum.CONFIGS[0])
