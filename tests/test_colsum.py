@@ -105,21 +105,22 @@ def test_mismatched_inputs_are_refused():
         triton_colsum.causal_colsum(q, k, 0.25)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_prefill_stats_dispatch(backend):
-    """``prefill_stats`` takes the kernels under the Triton backend and the reference under ``reference``; both
-    agree with float64."""
+def test_prefill_stats_dispatch(backend, dtype, monkeypatch):
+    """``prefill_stats`` takes the kernels for fp16 / bf16 inputs under the Triton backend, and the reference under
+    ``reference`` or for float32 inputs; every path agrees with float64."""
     from kernels import dispatch
     from methods.attention import prefill_stats
     from methods.stats import Needs
 
-    q, k = inputs(8, 2, 90, 32, torch.float16 if CUDA else torch.float32, 11)
-    old = dispatch.BACKEND
-    dispatch.set_backend(backend)
-    try:
-        stats = prefill_stats(q, k, 32 ** -0.5, Needs(colsum=True, last_n=3))
-    finally:
-        dispatch.set_backend(old)
+    calls = []
+    kernel = triton_colsum.causal_colsum
+    monkeypatch.setattr(triton_colsum, "causal_colsum", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    q, k = inputs(8, 2, 90, 32, dtype, 11)
+    monkeypatch.setattr(dispatch, "BACKEND", backend)
+    stats = prefill_stats(q, k, 32 ** -0.5, Needs(colsum=True, last_n=3))
+    assert len(calls) == (backend == "triton" and dtype == torch.float16)
     assert rel(stats.colsum, colsum64(q, k, 32 ** -0.5)) < 1e-4
     assert stats.last_n.shape == (2, 4, 3, 90)
 
