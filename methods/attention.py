@@ -271,7 +271,7 @@ class LayerAttention:
         store.append(k.to(store.info.dtype), v.to(store.info.dtype), pos)
         qg = q.reshape(hk, (hq // hk) * lq, d)
         want = self.needs.step
-        if q.dtype in (torch.float16, torch.bfloat16) and use_triton(q.device):
+        if use_triton(q.device):
             out, seg_stats = triton_attend(qg, store.segments, scale, lq, want, self.plans)
         else:
             out, seg_stats = reference_attend(qg, store.segments, scale, lq, want)

@@ -26,16 +26,27 @@ def _reset_backend():
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_triton_path_matches_reference(spec):
-    """Prefill, a 3-token chunk (causal tail inside the kernel), then 5 decode steps: same logits, bytes, rows."""
+def test_triton_path_matches_reference(spec, monkeypatch):
+    """Prefill, a 3-token chunk (causal tail inside the kernel), then 5 decode steps: same logits, bytes, rows; and
+    each backend took its own path at every step of every layer (a fall-back to the reference would compare the
+    reference with itself)."""
+    from methods import attention
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_llama(4, 2, layers=2, head_dim=32).to(dev)
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(5)).to(dev)
+    calls = {"triton": 0, "reference": 0}
+    for name, fn in (("triton", attention.triton_attend), ("reference", attention.reference_attend)):
+        monkeypatch.setattr(attention, f"{name}_attend",
+                            lambda *a, _fn=fn, _n=name, **kw: calls.__setitem__(_n, calls[_n] + 1) or _fn(*a, **kw))
     out = {}
     for backend in ("reference", "triton"):
         set_backend(backend)
+        before = dict(calls)
         cache, logits = run_cache(model, methods.parse_spec(spec), ids, n_decode=5, kv_dtype=torch.float32,
                                   tokens=[3, 1, 4, 1, 5], chunk=[7, 8, 9])
+        other = "reference" if backend == "triton" else "triton"
+        assert calls[backend] - before[backend] >= 6 * len(cache.layers) and calls[other] == before[other]
         out[backend] = (torch.cat([x[0, -1] for x in logits]), cache.nbytes(), cache.kept_rows())
     ref, tri = out["reference"], out["triton"]
     assert ref[1:] == tri[1:]
