@@ -31,6 +31,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _rows(ptr, head, rows, T, sh, st, offs_d, D: tl.constexpr):
+    """Rows ``rows`` of head ``head`` (``[len(rows), BLOCK_D]``; zero past ``T`` and past ``D`` channels)."""
+    return tl.load(ptr + head.to(tl.int64) * sh + rows[:, None].to(tl.int64) * st + offs_d[None, :],
+                   mask=(rows < T)[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _scores(q, kt, IEEE: tl.constexpr):
+    """``q @ kt`` in fp32; fp32 inputs at IEEE precision (not TF32)."""
+    if IEEE:
+        return tl.dot(q, kt, input_precision="ieee")
+    return tl.dot(q, kt)
+
+
+@triton.jit
 def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, T, sqh, sqt, skh, skt, scale2,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
@@ -39,20 +54,13 @@ def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, T, sqh, sqt, skh, skt, scale2,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q = tl.load(q_ptr + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqt + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = _rows(q_ptr, h, rows, T, sqh, sqt, offs_d, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     s_sum = tl.zeros([BLOCK_M], tl.float32)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
     for start in range(0, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k = tl.load(k_ptr + hk.to(tl.int64) * skh + cols[:, None].to(tl.int64) * skt + offs_d[None, :],
-                    mask=(cols < T)[:, None] & dmask[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _scores(q, tl.trans(_rows(k_ptr, hk, cols, T, skh, skt, offs_d, D)), IEEE)
         s = tl.where((cols[None, :] <= rows[:, None]) & (cols < T)[None, :], s * scale2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key
@@ -69,10 +77,7 @@ def _colsum_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, T, sqh, sqt, skh, skt, scale2
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < T
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    k = tl.load(k_ptr + hk.to(tl.int64) * skh + cols[:, None].to(tl.int64) * skt + offs_d[None, :],
-                mask=cmask[:, None] & dmask[None, :], other=0.0)
-    kt = tl.trans(k)
+    kt = tl.trans(_rows(k_ptr, hk, cols, T, skh, skt, offs_d, D))
     acc = tl.zeros([BLOCK_N], tl.float32)
     lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # the first query block that reaches these keys
     for g in range(G):
@@ -80,13 +85,8 @@ def _colsum_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, T, sqh, sqt, skh, skt, scale2
         for start in range(lo, T, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             rmask = rows < T
-            q = tl.load(q_ptr + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqt + offs_d[None, :],
-                        mask=rmask[:, None] & dmask[None, :], other=0.0)
             lse = tl.load(lse_ptr + h.to(tl.int64) * T + rows, mask=rmask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
+            s = _scores(_rows(q_ptr, h, rows, T, sqh, sqt, offs_d, D), kt, IEEE)
             p = tl.exp2(s * scale2 - lse[:, None])
             acc += tl.sum(tl.where((cols[None, :] <= rows[:, None]) & rmask[:, None], p, 0.0), 0)
     tl.store(out_ptr + hk.to(tl.int64) * T + cols, acc, mask=cmask)

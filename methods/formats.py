@@ -368,5 +368,7 @@ def quantize_channels(x: torch.Tensor, counts: tuple[int, ...], bits: int, group
 
 def first_rows_mask(counts: tuple[int, ...], n_first: tuple[int, ...], device) -> torch.Tensor:
     """Head-grouped mask selecting the first ``n_first[h]`` rows of every head ``h``."""
+    if counts and len(set(counts)) == 1 and len(set(n_first)) == 1:  # equal heads: one comparison, repeated
+        return (torch.arange(counts[0], device=device) < n_first[0]).repeat(len(counts))
     parts = [torch.arange(c, device=device) < f for c, f in zip(counts, n_first)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool, device=device)

@@ -194,10 +194,13 @@ class H2O(Eviction):
         counts = store.counts()
         if max(counts) <= store.state["budget"]:
             return
-        # every head holds all of the recent window (it is never evicted), so a head keeps those plus up to `heavy`
-        recent = min(store.state["recent"], store.seen)
-        kept = tuple(min(c, recent + store.state["heavy"]) for c in counts)
-        select_rows(store, h2o_keep(store), self.name, kept)
+        select_rows(store, h2o_keep(store), self.name, tuple(h2o_kept(store, c) for c in counts))
+
+
+def h2o_kept(store: LayerStore, held: int) -> int:
+    """How many of a head's ``held`` candidate rows :func:`h2o_keep` keeps: the recent window is all among them (it is
+    never evicted, nor demoted by MiKV), so those plus up to ``heavy`` others."""
+    return min(held, min(store.state["recent"], store.seen) + store.state["heavy"])
 
 
 def h2o_keep(store: LayerStore, cand: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 
 from methods import formats
 from methods.base import BudgetViolation, Method, SpecError, check_budget_param, resolve_budget
-from methods.formats import Dense, Part, TokenQuant, head_cat, kept_rows, quantize_tokens
-from methods.h2o import SCORE, accumulate_scores, check_share, h2o_keep, resolve_share
+from methods.formats import Dense, Part, TokenQuant, first_rows_mask, head_cat, kept_rows, quantize_tokens
+from methods.h2o import SCORE, accumulate_scores, check_share, h2o_keep, h2o_kept, resolve_share
 from methods.registry import register
 from methods.stats import Needs
 from methods.store import LayerStore, Segment
@@ -159,16 +159,15 @@ class MiKV(Method):
 
     def _resplit_layout(self, store: LayerStore, lk: Part | None, hk: Dense, lv: Part | None, hv: Dense) -> None:
         """:meth:`_resplit` for :meth:`_decode_layout`'s layout, with every count known on the host: the low rows of
-        a head are its first ``n_lo``; H2O keeps ``min(n_hi, recent + heavy)`` high rows per head (the recent rows
-        are all high: a row is recent from its first step on, so it was never demoted); the others are quantized
+        a head are its first ``n_lo``; H2O keeps :func:`~methods.h2o.h2o_kept` of its ``n_hi`` high rows (the recent
+        rows are all high: a row is recent from its first step on, so it was never demoted); the others are quantized
         and appended to the low part. Same parts, order and aux as :meth:`_repack`, without a device sync."""
         seg = store.segments[0]
         h, n_lo, n_hi = len(seg.counts), (lk.counts[0] if lk is not None else 0), hk.counts[0]
         n = n_lo + n_hi
-        dev = seg.aux[SCORE].device
-        lo = (torch.arange(n, device=dev) < n_lo).repeat(h)
+        lo = first_rows_mask(seg.counts, (n_lo,) * h, seg.aux[SCORE].device)
         keep = h2o_keep(store, cand=~lo).reshape(h, n)[:, n_lo:].reshape(-1)  # over the high part's rows
-        kept = min(n_hi, min(store.state["recent"], store.seen) + store.state["heavy"])
+        kept = h2o_kept(store, n_hi)
         if kept == n_hi:
             if formats.CHECK_KEPT:
                 assert bool(keep.all()), "mikv: every high row kept, but the mask drops some"
