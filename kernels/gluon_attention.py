@@ -133,6 +133,9 @@ TSTAGE = os.environ.get("KV_GLUON_TSTAGE", "1") == "1"
 # start of a unit and issue its copies after the unit's scores, so that a program holds one unit beyond the one it
 # computes instead of two (0: the copies of the next unit at the unit's start, its successor's ticket drawn then)
 DRAW_LATE = os.environ.get("KV_GLUON_DRAW_LATE", "1") == "1"
+# the part pairs of one call (QAQ's bit widths) as one chain of programmatic dependent launches on the caller's stream
+# (:func:`chained`; 0: one after another, or on side streams while a CUDA graph is captured)
+CHAIN = os.environ.get("KV_GLUON_CHAIN", "1") == "1"
 
 MMA: gl.constexpr = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 A_L: gl.constexpr = gl.constexpr(gl.DotOperandLayout(0, MMA, 2))
@@ -283,6 +286,11 @@ ST_DELTA: gl.constexpr = gl.constexpr("\n".join([
     "mov.b32 $0, 0;", "}"]))
 # a query pair (two consecutive registers of SLOT_L, adjacent in shared memory) in one load
 LDS_F32X2: gl.constexpr = gl.constexpr("ld.shared.v2.f32 {$0, $1}, [$2];")
+# programmatic dependent launch (a chain of part pairs, :func:`launch`'s ``chain``): let the next launch of the stream
+# start its programs as this one's end (at the program's start), and end no program before the previous launch has
+# ended (at its end: so the last launch of a chain ends after all of them); both are no-ops in a launch without PDL
+GDC_LAUNCH: gl.constexpr = gl.constexpr("griddepcontrol.launch_dependents;\nmov.b32 $0, $1;")
+GDC_WAIT: gl.constexpr = gl.constexpr("griddepcontrol.wait;\nmov.b32 $0, $1;")
 
 
 # ---- shared-memory staging of key tiles (cp.async one tile ahead) ------------------------------------------------
@@ -2187,7 +2195,7 @@ def _kivi_attn_kernel(
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
     K_RAW: gl.constexpr = False, V_RAW: gl.constexpr = False, K_CRAW: gl.constexpr = False,
-    K_TS: gl.constexpr = False, LATE: gl.constexpr = False,
+    K_TS: gl.constexpr = False, LATE: gl.constexpr = False, PDL: gl.constexpr = False,
 ):
     KPER: gl.constexpr = 32 // K_BITS
     VPER: gl.constexpr = 32 // V_BITS if V_BITS > 0 else 32
@@ -2196,6 +2204,8 @@ def _kivi_attn_kernel(
     gl.static_assert(K_GROUP % 16 == 0)
     hd = gl.program_id(0)
     sp = gl.program_id(1)
+    if PDL:
+        gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [sp], dtype=gl.int32, is_pure=False, pack=1)
     if UNIFORM:
         kbeg = (KB0 + hd * KHS).to(gl.int64)
         vbeg = (VB0 + hd * VHS).to(gl.int64)
@@ -2499,6 +2509,8 @@ def _kivi_attn_kernel(
     gl.store(out_ptr + gl.expand_dims(orow, 0).to(gl.int64) * 128 + gl.expand_dims(pc, 1), out,
              mask=gl.expand_dims(qcol < M, 0) & gl.expand_dims(pc < 128, 1))
     gl.store(lse_ptr + orow, lse, mask=qcol < M)
+    if PDL:
+        gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [sp], dtype=gl.int32, is_pure=False, pack=1)
 
 
 MAX_SLOTS = 4  # outlier slots per row the kernel takes (QAQ's default keeps 2 per row of 128 channels)
@@ -2621,6 +2633,16 @@ def pair_fits(k, v) -> bool:
 @functools.cache
 def _major_cc(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
+
+
+def chained(plans, q) -> bool:
+    """Whether the part pairs ``plans`` of one call launch as a chain (:func:`launch`'s ``chain``): several pairs, all
+    served by this kernel, on a GPU with programmatic dependent launch (compute capability 9.0 or later). Each launch
+    fills the GPU (its splits are one wave), so the next one's programs take the SMs that its tail frees, one kernel
+    at a time on an SM but for the tails (three kernels resident on every SM for the whole call ran a third slower:
+    kernels/NOTES.md, session 11)."""
+    return (CHAIN and len(plans) > 1 and all(supports(p, q) for p in plans)
+            and _major_cc(q.device.index) >= 9)
 
 
 def supports(plan, q) -> bool:
@@ -2748,10 +2770,17 @@ def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, sc
             _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data))
 
 
-def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> None:
-    """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel)."""
+def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int,
+           chain: int = 0) -> None:
+    """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel). ``chain``: 0 alone;
+    1 the first and 2 a later launch of a chain of part pairs on one stream (:func:`chained`): every launch of a
+    chain lets the next one start its programs in its own tail, a later one is launched as a programmatic dependent
+    of the one before (it may start before that one ends: it reads nothing the chain writes) and no program of it
+    ends before the one before has ended, so whatever follows the last launch sees every launch's partials."""
     H = q.shape[0]
     consts = _consts(plan, scores is not None, q.shape[1])
+    if chain:
+        consts = {**consts, "PDL": True, "launch_pdl": chain == 2}
     args = _launch_args(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq)
     if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
         key = tuple(consts.items())
@@ -2789,9 +2818,10 @@ OUT_SMEM = 512 * 8 * 4  # the outlier buffers' bytes (_kivi_attn_kernel's obuf)
 
 def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group: int = 32, arch: int = 90,
                     want_scores: bool = False, dynamic: bool = True, bf16: bool = False, k_tok: bool = False,
-                    k_out: int = 0, v_out: int = 0, m: int = 4):
+                    k_out: int = 0, v_out: int = 0, m: int = 4, pdl: bool = False):
     """Build the kernel for an NVIDIA target without a GPU, with the runtime's options (how CI checks that it still
-    compiles: the layout conversions are asserted trivial at build time). Returns the compiled kernel
+    compiles: the layout conversions are asserted trivial at build time); ``pdl``: the code of a chained launch
+    (:func:`launch`'s ``chain``). Returns the compiled kernel
     (``.asm["ptx"]``, ``["cubin"]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -2812,6 +2842,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
                  K_CRAW=raw_channel_keys(k_bits, k_group, k_tok, bf16, m, v_bits, v_group),
                  K_TS=staged_rows(k_bits, k_group, k_tok, v_bits, v_group, bf16, k_out, v_out))
     const["LATE"] = DRAW_LATE and dynamic and (const["K_CRAW"] or const["K_TS"])
+    const["PDL"] = pdl
     sig.update({k: "constexpr" for k in const})
     # pointer arguments 16-byte aligned, as the runtime specialises them (16-byte cp.async needs it)
     names = _kivi_attn_kernel.arg_names

@@ -1008,6 +1008,85 @@ def test_pairs_on_side_streams(monkeypatch):
 
 
 @gpu_only
+def test_pairs_chained(monkeypatch, gluon_strict):
+    """Part pairs that the Gluon kernel serves all (QAQ's widths with its outliers, ragged heads) launch as one chain
+    of programmatic dependent launches on the caller's stream (first ``chain`` 1, then 2). The first pair is long and
+    the last short, so the later launches can start in the first one's tail and end before it would: the merge must
+    still read every launch's partials. Eagerly and in CUDA-graph replays with new queries each time, the output and
+    the scores equal, bit for bit, those of one launch after another (static schedule); with the dynamic schedule
+    they match within its rounding."""
+    from kernels import gluon_attention as ga
+    from kernels import triton_attention as ta
+    from kernels.triton_attention import PairPlan, attend_pairs
+    from kernels.triton_tiles import PartSpec
+
+    g = _gen(405)
+    H, d, M = 24, 128, 4
+    plans, col = [], 0
+    for kb, vb, n in ((3, 3, 6000), (2, 2, 700), (4, 4, 90)):
+        counts = [n - 37 * (h % 3) for h in range(H)]  # ragged heads
+        k = _make("T", counts, d, kb, 128, F16, g, 0)
+        v = _make("T", counts, d, vb, 128, F16, g, 0)
+        _row_outliers(k, torch.randint(0, 3, (sum(counts),), generator=g), g)
+        _row_outliers(v, torch.randint(0, 3, (sum(counts),), generator=g), g)
+        offs = dispatch._offsets(counts)[:-1]
+        plans.append(PairPlan(PartSpec(k, dispatch.outlier_csr(k)), PartSpec(v, dispatch.outlier_csr(v)), offs, offs,
+                              counts, col=[0] * H, col_base=col, device=DEV))
+        col += max(counts)
+    q = _randn(H, M, d, g=g, dtype=F16)
+    assert all(ta.gluon_serves(p, q) for p in plans)
+    chains = []
+    launch = ga.launch
+    monkeypatch.setattr(ga, "launch", lambda *a, **kw: (chains.append(a[-1] if len(a) > 9 else 0), launch(*a, **kw)))
+
+    def run():
+        sc = torch.full((H, M, col), float("-inf"), device=DEV)
+        out, lse = attend_pairs(q, plans, d ** -0.5, sc)
+        return out * 1.0, lse * 1.0, sc
+
+    def serial():
+        monkeypatch.setattr(ga, "CHAIN", False)
+        try:
+            return run()
+        finally:
+            monkeypatch.setattr(ga, "CHAIN", True)
+
+    monkeypatch.setattr(ta, "STREAMS", False)
+    got = run()
+    assert chains == [1, 2, 2], chains
+    want = serial()
+    for a, b in zip(got, want, strict=True):  # the dynamic schedule: each program's units vary from run to run
+        assert torch.allclose(a, b, rtol=2e-3, atol=1e-4, equal_nan=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # the static schedule
+    try:
+        want = serial()
+        chains.clear()
+        for a, b in zip(run(), want, strict=True):
+            assert torch.equal(a, b)
+        assert chains == [1, 2, 2]
+        static = [torch.empty_like(t) for t in want]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for dst, src in zip(static, run(), strict=True):
+                dst.copy_(src)
+        for i in range(4):
+            q.copy_(_randn(H, M, d, g=g, dtype=F16))  # new queries: partials left from a replay before would differ
+            want = serial()
+            for t in static:
+                t.fill_(float("nan"))
+            graph.replay()
+            for a, b in zip(static, want, strict=True):
+                assert torch.equal(a, b), i
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@gpu_only
 @pytest.mark.parametrize("kf,kbits,group,draw_late", [("C", 2, 32, True), ("C", 4, 32, True), ("T", 2, 32, True),
                                                       ("T", 2, 128, True), ("T", 4, 128, True), ("C", 2, 32, False),
                                                       ("T", 4, 128, False)])
@@ -1136,8 +1215,10 @@ bf16, dynamic, tok, out = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] ==
 kb, vb, kg = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7])
 vg = 128 if vb in (1, 3) or (tok and kg == 128) else 32
 ptx = ga.compile_offline(kb, vb, kg, vg, want_scores=sys.argv[3] == "1", bf16=bf16, dynamic=dynamic, k_tok=tok,
-                         k_out=out, v_out=out).asm["ptx"]
+                         k_out=out, v_out=out, pdl=out > 0).asm["ptx"]
 t = "bf16" if bf16 else "f16"
+gdc = ("griddepcontrol.launch_dependents", "griddepcontrol.wait")  # a chained launch's code (QAQ's part pairs)
+assert all((g in ptx) == (out > 0) for g in gdc), [g in ptx for g in gdc]
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32")
 raw = (ga.raw_keys(kb, kg, tok, bf16), ga.raw_values(vb, vg, bf16, out))
 for side, b in ((0, kb), (1, vb)):
