@@ -120,9 +120,12 @@ DYNAMIC = os.environ.get("KV_GLUON_DYNAMIC", "1") == "1"
 # one ``and`` per pair), the scale and zero are applied to the scores (0: dequantize each pair as the other formats)
 RAW_K = os.environ.get("KV_GLUON_RAWK", "1") == "1"
 RAW_K_BITS = (2, 3)  # the key widths that take it (raw_keys)
-# values the same way (one scale per row, no value outliers): codes as the A operand, P^T times each token's scale as
-# the B operand, the zeros' term per query apart (0: dequantize each pair)
+# values the same way (one scale per row): codes as the A operand, P^T times each token's scale as the B operand, the
+# zeros' term per query apart (0: dequantize each pair)
 RAW_V = os.environ.get("KV_GLUON_RAWV", "1") == "1"
+# ... also next to value outliers (QAQ's rows): each slot's delta is stored in its accumulator row's units
+# (raw_values, outlier_slots; 0: values with outliers dequantize each pair)
+RAW_VOUT = os.environ.get("KV_GLUON_RAWVOUT", "1") == "1"
 # staged 2-bit ChannelQuant keys (KIVI's) with at most 4 query rows per KV head, fp16: the codes as the A operand and
 # each key block's scales on the queries, two softmax streams per query (section "raw ChannelQuant keys"; 0: pairs)
 RAW_C = os.environ.get("KV_GLUON_RAWC", "1") == "1"
@@ -1119,10 +1122,21 @@ def raw_keys(bits: int, group: int, tok: bool, bf16: bool) -> bool:
 
 
 def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
-    """Whether a pair's values take the raw path: one scale per row, 2 or 4 bits, fp16, no value outliers (their
-    delta tiles add in the value's units, the raw accumulator holds each channel in units of its code position),
-    unless switched off (``KV_GLUON_RAWV=0``)."""
-    return RAW_V and group == 128 and bits in (2, 4) and not bf16 and slots == 0
+    """Whether a pair's values take the raw path: one scale per row, 2 or 4 bits, fp16, unless switched off
+    (``KV_GLUON_RAWV=0``; with value outliers, ``slots`` > 0: ``KV_GLUON_RAWVOUT=0``). The raw accumulator holds
+    each channel in units of ``2^(pos - 24)`` of its code position, times ``2^E`` (:func:`value_exponent`), so a
+    value outlier's delta tile, which adds ``delta p`` through one more product with ``P^T = p``, holds
+    ``delta 2^(E + pos - 24)`` (:func:`outlier_slots`; ``E`` also keeps the largest below ``2^15``)."""
+    return RAW_V and group == 128 and bits in (2, 4) and not bf16 and (slots == 0 or RAW_VOUT)
+
+
+def raw_vpos(row, bits: int):
+    """The code position ``pos`` of raw value accumulator rows ``row`` (``8 t + r``: code ``t % (32 / bits)`` of its
+    word; :func:`_raw_vfac`'s ``2^(24 - pos)``); works on int tensors too."""
+    per = 32 // bits
+    nin = raw_in_place(bits)
+    jh = ((row // 8) % per) % (per // 2)
+    return (jh < nin) * (bits * jh) + (jh >= nin) * (bits * (jh - nin))
 
 
 def raw_channel_keys(bits: int, group: int, tok: bool, bf16: bool, m: int, v_bits: int, v_group: int) -> bool:
@@ -1141,7 +1155,7 @@ def staged_rows(k_bits: int, k_group: int, tok: bool, v_bits: int, v_group: int,
     buffers must be the kernel's only shared memory), unless switched off (``KV_GLUON_TSTAGE=0``). The launch also
     needs :func:`rows_stageable`."""
     return (TSTAGE and tok and k_group == 128 and k_bits in (2, 4) and v_group == 128 and v_bits in (2, 4)
-            and k_slots == 0 and raw_values(v_bits, v_group, bf16, v_slots))
+            and k_slots == 0 and v_slots == 0 and raw_values(v_bits, v_group, bf16, v_slots))
 
 
 def rows_stageable(plan) -> bool:
@@ -1162,14 +1176,26 @@ def value_exponent(spec) -> int:
     tensor and its version); 0 for parts that do not take the raw value path."""
     if not raw_values(spec.bits, spec.group, spec.scale.dtype == torch.bfloat16, _slots_of(spec, True)):
         return 0
+    return _raw_exponent(spec)
+
+
+def _raw_exponent(spec) -> int:
+    """:func:`value_exponent` of a part that takes the raw value path; with value outliers (``spec.odelta``) also
+    ``2^(E - 16) max |delta| < 2^15`` (their slots hold ``delta 2^(E + pos - 24)``, ``pos <= 8``)."""
     part = getattr(spec, "part", None)
+    delta = spec.odelta if getattr(spec, "has_out", False) and spec.odelta is not None else None
     cached = getattr(part, "_gluon_vexp", None)
-    if cached is not None and cached[0] is spec.scale and cached[1] == spec.scale._version:
-        return cached[2]
+    if (cached is not None and cached[0] is spec.scale and cached[1] == spec.scale._version
+            and cached[2] is delta):
+        return cached[3]
     smax = float(spec.scale.float().abs().max()) if spec.scale.numel() else 0.0
     e = 15 - math.frexp(smax)[1] if smax > 0 and math.isfinite(smax) else 0  # smax = m 2^x, 1/2 <= m < 1
+    if delta is not None and delta.numel():
+        dmax = float(delta.abs().max())
+        if dmax > 0 and math.isfinite(dmax):
+            e = min(e, 31 - math.frexp(dmax)[1])
     try:
-        object.__setattr__(part, "_gluon_vexp", (spec.scale, spec.scale._version, e))
+        object.__setattr__(part, "_gluon_vexp", (spec.scale, spec.scale._version, delta, e))
     except (AttributeError, TypeError):
         pass
     return e
@@ -2053,6 +2079,12 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         # tiles, alternating), which is read back as an A operand and multiplied by the chunk's P^T; a tile's
         # entries are cleared once every lane has read it (after the next barrier), before it is written again
         v1 = _plane1(v_ell, v_nrows)
+        if V_RAW:  # the deltas are in the raw accumulator's units (raw_values): P^T = p (p0 = p 2^E)
+            inv = gl.exp2(-ve)
+            p0 = p0 * inv
+            p1 = p1 * inv
+            p2 = p2 * inv
+            p3 = p3 * inv
         acc, a0, e0, b0, f0 = _vd_chunk(acc, p0, 0, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, BF16)
         acc, a1, e1, b1, f1 = _vd_chunk(acc, p1, 1, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, BF16)
         _vd_clear(a0, e0, b0, f0)
@@ -2569,6 +2601,9 @@ def _slot_cache(spec, value: bool = False) -> torch.Tensor | None:
         return None
     part = spec.part
     order = 3 if (value and spec.bits == 3) else 2  # the accumulator-row order of the slots' channels
+    raw = value and raw_values(spec.bits, spec.group, spec.scale.dtype == torch.bfloat16, MAX_SLOTS)
+    if raw:  # raw values: each delta in its accumulator row's units, which depend on the part's exponent
+        order = (spec.bits, _raw_exponent(spec))
     cached = getattr(part, "_gluon_slots", None)
     if cached is not None and cached[0] is spec.oidx and order in cached[1]:
         return cached[1][order]
@@ -2584,11 +2619,15 @@ def _slot_cache(spec, value: bool = False) -> torch.Tensor | None:
         rows = spec.nrows
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
+        rrow = out_row(ch, 3 if order == 3 else 2)
+        if raw:  # delta 2^(E + pos - 24), rounded once
+            delta = (spec.odelta.float() * torch.exp2((raw_vpos(rrow, spec.bits) + order[1] - 24).float())).to(
+                delta.dtype)
         bits = delta.view(torch.int16).to(torch.int32) & 0xFFFF
         n = _prefix_len(rows)
         ell = torch.zeros(2 * rows + n + (2 * rows if planes == 2 else 0), dtype=torch.int32, device=sidx.device)
         # plane p's slot j of row r at (p ? 2 rows + n : 0) + 2 r + j
-        ell[(pos // 2) * (2 * rows + n) + 2 * row + pos % 2] = ((out_row(ch, order).to(torch.int32) * 32) << 16) | bits
+        ell[(pos // 2) * (2 * rows + n) + 2 * row + pos % 2] = ((rrow.to(torch.int32) * 32) << 16) | bits
         extra = ((ptr[1:] - ptr[:-1]) > 2).to(torch.int32)  # rows with a third or fourth outlier
         ell[2 * rows + 1:2 * rows + 1 + rows] = torch.cumsum(extra, 0, dtype=torch.int32)
     try:

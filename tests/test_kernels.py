@@ -596,6 +596,22 @@ def test_outlier_slots_hand_case():
     assert plane1.tolist() == [[0, 0], [slot(100, 0.25 - 2.75), 0], [0, 0]]
     assert prefix.tolist() == [0, 0, 1, 1]  # rows before r with plane-1 slots: row 1 only
     assert ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part))) is ell  # cached on the part
+    # as values (raw path: 2 bits, one scale per row) each delta is in its accumulator row's units, delta
+    # 2^(E + pos - 24): E = 15 - 1 (largest scale 1 = 0.5 x 2^1; largest delta 8 allows up to 31 - 4), pos the code
+    # position of row 8 (c % 16) + c // 16 in its half word (5 codes in place, then shifted): channel 5 -> code 5 ->
+    # 0; 2 -> 4; 7 -> code 7 -> 2 x (7 - 5) = 4; 100 -> code 4 -> 8
+    if ga.raw_values(2, 128, False, ga.MAX_SLOTS):
+        vspec = PartSpec(part, dispatch.outlier_csr(part))
+        assert ga.value_exponent(vspec) == 14
+        v0, _, v1 = ga.slot_views(ga.outlier_slots(vspec, True), 3)
+        assert v0.tolist() == [[slot(5, -2.5 / 1024), 0], [slot(2, 2.25 / 64), slot(7, 8.0 / 64)], [0, 0]]
+        assert v1.tolist() == [[0, 0], [slot(100, -2.5 / 4), 0], [0, 0]]
+        assert [ga.raw_vpos(ga.out_row(c), 2) for c in (5, 2, 7, 100)] == [0, 4, 4, 8]
+        # a delta far above the scales lowers E: 2^(E - 16) max |delta| < 2^15 (scales: 24; delta 1000: 31 - 10)
+        from types import SimpleNamespace as NS
+
+        big = NS(part=None, scale=torch.tensor([1e-3]), has_out=True, odelta=torch.tensor([1000.0, -3.0]))
+        assert ga._raw_exponent(big) == 21
     assert [ga.out_row(c) for c in (0, 1, 15, 16, 127)] == [0, 8, 120, 1, 127]
     g = _gen(3)
     for per_row in ([2, 0, 1, 2, 2], [1, 0, 1, 1, 0]):
@@ -739,6 +755,40 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"] == (vbits != 3)
     assert ga.value_exponent(plan.v) == (15 - math.frexp(float(v_part.scale.float().max()))[1] if vbits != 3 else 0)
     _raw_then_pairs(ga, monkeypatch, q, plan, o64, ("RAW_K", "RAW_V"), "K_RAW")
+
+
+@gpu_only
+@pytest.mark.parametrize("kbits,vbits,amp,spread", [(2, 2, 1, 1), (4, 4, 1, 3), (2, 4, 1e-3, 3), (3, 2, 1e-2, 3),
+                                                    (4, 2, 1e-6, 2), (2, 4, 300, 2)])
+def test_gluon_raw_values_with_outliers(kbits, vbits, amp, spread, monkeypatch, gluon_strict):
+    """Values with QAQ's outliers (up to 4 per row) take the raw path as well: each slot's delta is stored in its
+    accumulator row's units (``delta 2^(E + pos - 24)``) and its tile multiplied by ``p``; at least as close to
+    float64 as the pairs, with tiny (``amp``: values times 1e-6) and large value scales and peaked attention."""
+    from kernels import gluon_attention as ga
+    from kernels.triton_attention import PairPlan
+    from kernels.triton_tiles import PartSpec
+
+    g = _gen(70 * kbits + vbits)
+    H, d, M = 4, 128, 4
+    counts = (4096, 3000, 2048, 1111)
+    k_part = _make("T", counts, d, kbits, 128, F16, g, 0)
+    v_part = _make("T", counts, d, vbits, 128, F16, g, 0)
+    n = sum(counts)
+    for part in (k_part, v_part):
+        f = amp if part is v_part else 1.0
+        part.scale.mul_(f)
+        part.zero.mul_(f)
+        _row_outliers(part, torch.randint(0, 5, (n,), generator=g), g)
+        part.out_val.mul_(f)
+    kspec, vspec = PartSpec(k_part, dispatch.outlier_csr(k_part)), PartSpec(v_part, dispatch.outlier_csr(v_part))
+    offs = dispatch._offsets(counts)
+    plan = PairPlan(kspec, vspec, offs[:H], offs[:H], list(counts), nsplit=5, device=DEV)
+    q = _randn(H, M, d, g=g, dtype=F16, scale=spread)
+    o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
+    consts = ga._consts(plan, False, 4)
+    assert consts["V_RAW"] and consts["V_OUT"] and not consts["K_TS"]
+    assert ga.value_exponent(plan.v) == 15 - math.frexp(float(v_part.scale.float().max()))[1]
+    _raw_then_pairs(ga, monkeypatch, q, plan, o64, ("RAW_VOUT",), "V_RAW")
 
 
 def _raw_then_pairs(ga, monkeypatch, q, plan, o64, switches, flag):
