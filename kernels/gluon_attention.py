@@ -126,6 +126,8 @@ RAW_V = os.environ.get("KV_GLUON_RAWV", "1") == "1"
 # ... also next to value outliers (QAQ's rows): each slot's delta is stored in its accumulator row's units
 # (raw_values, outlier_slots; 0: values with outliers dequantize each pair)
 RAW_VOUT = os.environ.get("KV_GLUON_RAWVOUT", "1") == "1"
+# ... and of 3 bits (one scale per row; 0: dequantize each pair)
+RAW_V3 = os.environ.get("KV_GLUON_RAWV3", "1") == "1"
 # staged 2-bit ChannelQuant keys (KIVI's) with at most 4 query rows per KV head, fp16: the codes as the A operand and
 # each key block's scales on the queries, two softmax streams per query (section "raw ChannelQuant keys"; 0: pairs)
 RAW_C = os.environ.get("KV_GLUON_RAWC", "1") == "1"
@@ -985,14 +987,29 @@ def _vchunk01(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS:
 
 
 @gluon.jit
-def _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr):
+def _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, MASKED: gl.constexpr, BF16: gl.constexpr,
+             RAW: gl.constexpr = False):
     """fp16 (bf16) 3-bit value chunk ``V^T [128 channels, 16 tokens]`` of chunk ``i`` (output rows in the order of
-    :func:`v3_channel`); ``vptr``: each element's pointer to word ``r`` of its token at the tile's row 0."""
+    :func:`v3_channel`); ``vptr``: each element's pointer to word ``r`` of its token at the tile's row 0. ``RAW``:
+    the codes masked out as fp16 subnormals ``code x 2^(pos - 24)`` (codes above bit 7 of their half after one shift
+    of the merged word by 8; :func:`raw_vpos`), no scales or zeros read."""
     vr, _, _, _ = _idx4(V4, 8, 2, 4, 2)
     p0 = vptr + 2 * i * 13
     p1 = p0 + (8 + vr // 2 - vr)
     p2 = p0 + (12 - vr)
-    if MASKED:
+    if RAW:
+        if MASKED:
+            rm = ((vrow0 + vrow_off + 2 * i) >= 0) & ((vrow0 + vrow_off + 2 * i) < v_nrows)
+            w0 = gl.load(p0, mask=rm, other=0)
+            w1 = gl.load(p1, mask=rm, other=0)
+            w2 = gl.load(p2, mask=rm, other=0)
+        else:
+            w0 = gl.load(p0)
+            w1 = gl.load(p1)
+            w2 = gl.load(p2)
+        sc = 0
+        zr = 0
+    elif MASKED:
         row = vrow0 + vrow_off + 2 * i
         rm = (row >= 0) & (row < v_nrows)
         sc = gl.load(sptr + 2 * i, mask=rm, other=0.0)
@@ -1021,8 +1038,17 @@ def _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, MASKED
     x = gl.where(tt < 5, lo0, gl.where(tt == 5, mid0, gl.where(tt < 10, hi0, gl.where(tt < 15, lon, hin))))
     pos = gl.where(tt < 5, 3 * tt, gl.where(tt == 5, 7, gl.where(tt < 10, 3 * tt - 16,
                                                                  gl.where(tt < 15, 3 * (tt - 10), 0))))  # v3_source
-    MANT: gl.constexpr = 7 if BF16 else 10
-    return _vdeq(x, (MANT - 3 - pos + 32) % 32, sc, zr, 3, V_FS3, V_FB3, BF16)
+    if RAW:
+        x = gl.where(pos > 7, x >> 8, x)
+        pos = gl.where(pos > 7, pos - 8, pos)
+        mk = 7 << pos
+        y = gl.inline_asm_elementwise(RAW_AND, "=r,r,r,r,r", [x, mk | (mk << 16)], dtype=gl.float16, is_pure=True,
+                                      pack=2)
+        a = gl.convert_layout(gl.reshape(y, [128, 16]), A_L, assert_trivial=True)
+    else:
+        MANT: gl.constexpr = 7 if BF16 else 10
+        a = _vdeq(x, (MANT - 3 - pos + 32) % 32, sc, zr, 3, V_FS3, V_FB3, BF16)
+    return a
 
 
 @gluon.jit
@@ -1127,12 +1153,19 @@ def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
     each channel in units of ``2^(pos - 24)`` of its code position, times ``2^E`` (:func:`value_exponent`), so a
     value outlier's delta tile, which adds ``delta p`` through one more product with ``P^T = p``, holds
     ``delta 2^(E + pos - 24)`` (:func:`outlier_slots`; ``E`` also keeps the largest below ``2^15``)."""
-    return RAW_V and group == 128 and bits in (2, 4) and not bf16 and (slots == 0 or RAW_VOUT)
+    return (RAW_V and group == 128 and (bits in (2, 4) or (bits == 3 and RAW_V3)) and not bf16
+            and (slots == 0 or RAW_VOUT))
 
 
 def raw_vpos(row, bits: int):
     """The code position ``pos`` of raw value accumulator rows ``row`` (``8 t + r``: code ``t % (32 / bits)`` of its
-    word; :func:`_raw_vfac`'s ``2^(24 - pos)``); works on int tensors too."""
+    word; 3 bits: :func:`v3_source`'s bit, less 8 above 7; :func:`_raw_vfac`'s ``2^(24 - pos)``); works on int
+    tensors too."""
+    if bits == 3:
+        t = row // 8
+        pos = ((t < 5) * (3 * t) + (t == 5) * 7 + ((t > 5) & (t < 10)) * (3 * t - 16)
+               + ((t >= 10) & (t < 15)) * (3 * (t - 10)))
+        return pos - (pos > 7) * 8
     per = 32 // bits
     nin = raw_in_place(bits)
     jh = ((row // 8) % per) % (per // 2)
@@ -1325,12 +1358,19 @@ def _vraw(w0, w1, BITS: gl.constexpr, VPER: gl.constexpr):
 
 @gluon.jit
 def _raw_vfac(oc, BITS: gl.constexpr):
-    """``2^(24 - pos)`` of accumulator rows ``oc`` (``8 t + r``: code ``t % VPER`` of its word) of raw values."""
-    VPER: gl.constexpr = 32 // BITS
-    HALF: gl.constexpr = VPER // 2
-    NIN: gl.constexpr = (10 - BITS) // BITS + 1
-    jh = ((oc // 8) % VPER) % HALF
-    pos = gl.where(jh < NIN, BITS * jh, BITS * (jh - NIN))
+    """``2^(24 - pos)`` of accumulator rows ``oc`` (``8 t + r``: code ``t % VPER`` of its word; 3 bits: the position
+    of :func:`v3_source`, less 8 above 7) of raw values (:func:`raw_vpos`)."""
+    if BITS == 3:
+        t = oc // 8
+        pos = gl.where(t < 5, 3 * t, gl.where(t == 5, 7, gl.where(t < 10, 3 * t - 16, gl.where(t < 15, 3 * (t - 10),
+                                                                                              0))))
+        pos = gl.where(pos > 7, pos - 8, pos)
+    else:
+        VPER: gl.constexpr = 32 // BITS
+        HALF: gl.constexpr = VPER // 2
+        NIN: gl.constexpr = (10 - BITS) // BITS + 1
+        jh = ((oc // 8) % VPER) % HALF
+        pos = gl.where(jh < NIN, BITS * jh, BITS * (jh - NIN))
     return _pow2(24 - pos)
 
 
@@ -2048,6 +2088,11 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         acc = mma_v2(_vraw(va2, vb2, V_BITS, VPER), _pt(p2 * sv2, BF16), acc)
         va3, vb3 = _ts_vwords(vw_st, c0 + 3, VPER)
         acc = mma_v2(_vraw(va3, vb3, V_BITS, VPER), _pt(p3 * sv3, BF16), acc)
+    elif V_RAW and V_BITS == 3:
+        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 0, MASKED, False, True), _pt(p0 * sv0, BF16), acc)
+        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 1, MASKED, False, True), _pt(p1 * sv1, BF16), acc)
+        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 2, MASKED, False, True), _pt(p2 * sv2, BF16), acc)
+        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 3, MASKED, False, True), _pt(p3 * sv3, BF16), acc)
     elif V_RAW:
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, MASKED), _pt(p0 * sv0, BF16), acc)
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, MASKED), _pt(p1 * sv1, BF16), acc)
@@ -2619,7 +2664,7 @@ def _slot_cache(spec, value: bool = False) -> torch.Tensor | None:
         rows = spec.nrows
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
-        rrow = out_row(ch, 3 if order == 3 else 2)
+        rrow = out_row(ch, 3 if (value and spec.bits == 3) else 2)
         if raw:  # delta 2^(E + pos - 24), rounded once
             delta = (spec.odelta.float() * torch.exp2((raw_vpos(rrow, spec.bits) + order[1] - 24).float())).to(
                 delta.dtype)

@@ -752,14 +752,14 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
     q = _randn(H, M, d, g=g, dtype=F16, scale=spread / amp)  # K rows of about amp: scores of about spread
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
     consts = ga._consts(plan, False, 4)
-    assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"] == (vbits != 3)
-    assert ga.value_exponent(plan.v) == (15 - math.frexp(float(v_part.scale.float().max()))[1] if vbits != 3 else 0)
+    assert consts["K_RAW"] == (kbits != 4) and consts["V_RAW"]
+    assert ga.value_exponent(plan.v) == 15 - math.frexp(float(v_part.scale.float().max()))[1]
     _raw_then_pairs(ga, monkeypatch, q, plan, o64, ("RAW_K", "RAW_V"), "K_RAW")
 
 
 @gpu_only
 @pytest.mark.parametrize("kbits,vbits,amp,spread", [(2, 2, 1, 1), (4, 4, 1, 3), (2, 4, 1e-3, 3), (3, 2, 1e-2, 3),
-                                                    (4, 2, 1e-6, 2), (2, 4, 300, 2)])
+                                                    (4, 2, 1e-6, 2), (2, 4, 300, 2), (3, 3, 1, 2), (2, 3, 1e-4, 3)])
 def test_gluon_raw_values_with_outliers(kbits, vbits, amp, spread, monkeypatch, gluon_strict):
     """Values with QAQ's outliers (up to 4 per row) take the raw path as well: each slot's delta is stored in its
     accumulator row's units (``delta 2^(E + pos - 24)``) and its tile multiplied by ``p``; at least as close to
@@ -1611,6 +1611,38 @@ def test_gluon_raw_codes_emulated(bits):
             got = np.array([reg & 0xFFFF, reg >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
             codes = [(h >> (bits * j)) & ((1 << bits) - 1) for h in halves]
             assert got.tolist() == [c * 2.0 ** (pos - 24) for c in codes]
+
+
+def test_gluon_raw_3bit_values_emulated():
+    """Raw 3-bit values, emulated bit for bit from two tokens' packed rows (10 codes per word, 13 words): for every
+    lane row ``r`` and code row ``t``, the merged word the kernel reads (:func:`v3_source`: low, middle or high
+    halves of word ``r``, or of the extra word :func:`extra3`), shifted by 8 where the code sits above bit 7, masked
+    at :func:`raw_vpos` in both halves, gives the fp16 subnormals ``code x 2^(pos - 24)`` of channel
+    ``v3_channel(t, r)`` of each token, whatever the other codes hold."""
+    pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+    from kernels import gluon_attention as ga
+
+    g = np.random.default_rng(33)
+    for _ in range(20):
+        codes = g.integers(0, 8, (2, 128))
+        words = [[sum(int(codes[k, c]) << (3 * (c % 10)) for c in range(10 * w, min(10 * w + 10, 128)))
+                  for w in range(13)] for k in range(2)]
+        for r in range(8):
+            a, b = words[0][r], words[1][r]
+            ea, eb = (ga.extra3(w[8 + r // 2], w[12], r) for w in words)
+            src = {"lo": (a & 0xFFFF) | (b & 0xFFFF) << 16, "hi": a >> 16 | (b & 0xFFFF0000),
+                   "mid": (a >> 8) & 0xFFFF | ((b >> 8) & 0xFFFF) << 16,
+                   "nlo": (ea & 0xFFFF) | (eb & 0xFFFF) << 16, "nhi": (ea >> 16) & 0xFFFF | (eb & 0xFFFF0000)}
+            for t in range(16):
+                name, bit = ga.v3_source(t)
+                pos = int(ga.raw_vpos(8 * t + r, 3))
+                assert pos == (bit - 8 if bit > 7 else bit) and pos + 3 <= 10
+                x = np.array([src[name]], dtype=np.uint32).view(np.int32)
+                x = x >> 8 if bit > 7 else x  # arithmetic, as in the kernel
+                reg = int((x & np.int32((7 << pos) | (7 << pos) << 16)).view(np.uint32)[0])
+                got = np.array([reg & 0xFFFF, reg >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
+                c = ga.v3_channel(t, r)
+                assert got.tolist() == [codes[0, c] * 2.0 ** (pos - 24), codes[1, c] * 2.0 ** (pos - 24)], (r, t)
 
 
 @pytest.mark.parametrize("kg", [16, 32, 64, 128])
