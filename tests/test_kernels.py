@@ -1059,12 +1059,12 @@ def test_pairs_on_side_streams(monkeypatch):
 
 @gpu_only
 def test_pairs_chained(monkeypatch, gluon_strict):
-    """Part pairs that the Gluon kernel serves all (QAQ's widths with its outliers, ragged heads) launch as one chain
-    of programmatic dependent launches on the caller's stream (first ``chain`` 1, then 2). The first pair is long and
-    the last short, so the later launches can start in the first one's tail and end before it would: the merge must
-    still read every launch's partials. Eagerly and in CUDA-graph replays with new queries each time, the output and
-    the scores equal, bit for bit, those of one launch after another (static schedule); with the dynamic schedule
-    they match within its rounding."""
+    """Part pairs that the Gluon kernel serves all (QAQ's widths with its outliers, ragged heads), captured into a
+    CUDA graph, launch as one chain of programmatic dependent launches on the caller's stream (``chain`` 1, then 2);
+    eager calls launch one after another. The first pair is long and the last short, so the later launches can start
+    in the first one's tail and end before it would: the merge must still read every launch's partials. Replays with
+    new queries each time equal the eager calls bit for bit (static schedule), and match them within the dynamic
+    schedule's rounding."""
     from kernels import gluon_attention as ga
     from kernels import triton_attention as ta
     from kernels.triton_attention import PairPlan, attend_pairs
@@ -1088,52 +1088,56 @@ def test_pairs_chained(monkeypatch, gluon_strict):
     chains = []
     launch = ga.launch
     monkeypatch.setattr(ga, "launch", lambda *a, **kw: (chains.append(a[-1] if len(a) > 9 else 0), launch(*a, **kw)))
+    monkeypatch.setattr(ta, "STREAMS", False)
 
     def run():
         sc = torch.full((H, M, col), float("-inf"), device=DEV)
         out, lse = attend_pairs(q, plans, d ** -0.5, sc)
         return out * 1.0, lse * 1.0, sc
 
-    def serial():
-        monkeypatch.setattr(ga, "CHAIN", False)
-        try:
-            return run()
-        finally:
-            monkeypatch.setattr(ga, "CHAIN", True)
-
-    monkeypatch.setattr(ta, "STREAMS", False)
-    got = run()
-    assert chains == [1, 2, 2], chains
-    want = serial()
-    for a, b in zip(got, want, strict=True):  # the dynamic schedule: each program's units vary from run to run
-        assert torch.allclose(a, b, rtol=2e-3, atol=1e-4, equal_nan=True)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # the static schedule
-    try:
-        want = serial()
-        chains.clear()
-        for a, b in zip(run(), want, strict=True):
-            assert torch.equal(a, b)
-        assert chains == [1, 2, 2]
-        static = [torch.empty_like(t) for t in want]
+    def captured():
+        static = [torch.empty_like(t) for t in run()]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             run()
         torch.cuda.current_stream().wait_stream(s)
+        chains.clear()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for dst, src in zip(static, run(), strict=True):
                 dst.copy_(src)
+        assert chains == [1, 2, 2], chains
+        return graph, static
+
+    def replays(graph, static, check):
         for i in range(4):
             q.copy_(_randn(H, M, d, g=g, dtype=F16))  # new queries: partials left from a replay before would differ
-            want = serial()
             for t in static:
                 t.fill_(float("nan"))
             graph.replay()
-            for a, b in zip(static, want, strict=True):
-                assert torch.equal(a, b), i
+            for a, b in zip(static, run(), strict=True):  # run(): an eager call
+                check(a, b, i)
+
+    chains.clear()
+    run()
+    assert chains == [0, 0, 0], chains  # eager: one launch after another
+    torch.use_deterministic_algorithms(True, warn_only=True)  # the static schedule
+    try:
+        graph, static = captured()
+
+        def equal(a, b, i):
+            assert torch.equal(a, b), i
+
+        replays(graph, static, equal)
     finally:
         torch.use_deterministic_algorithms(False)
+    graph, static = captured()  # the dynamic schedule: each program's units vary from run to run
+
+    def close(a, b, i):
+        assert torch.allclose(a, b, rtol=2e-3, atol=1e-4, equal_nan=True), i
+
+    replays(graph, static, close)
 
 
 @gpu_only
