@@ -49,6 +49,9 @@ The formulation (one warp per program), tokens as the MMA's M so the queries pad
   shared memory one unit ahead (:func:`_ts_issue`, :func:`_ts_layouts`; the scales as words of two rows, so a stage
   starts at an even row and a head at an odd row starts one row early) and read back in the register layouts.
 * Registers are capped at 168 per thread, so 3 one-warp programs fit per scheduler (12 per SM).
+* The part pairs of one call (QAQ's bit widths), captured into a CUDA graph, launch as one chain of programmatic
+  dependent launches on the caller's stream (:func:`chained`): each launch's programs start as the previous one's
+  tail frees SMs, and no program ends before the launch before it has.
 * Launch: as many one-warp programs as fit on the GPU at once (:func:`resident_programs`, from the compiled kernel's
   registers and shared memory), so a launch is one wave; ``PairPlan`` sizes the splits per head from it.
 * Dynamic schedule (:func:`dynamic_enabled`): the programs of a head take its units (half tiles; whole tiles for
