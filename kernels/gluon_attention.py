@@ -1151,7 +1151,7 @@ def raw_keys(bits: int, group: int, tok: bool, bf16: bool) -> bool:
 
 
 def raw_values(bits: int, group: int, bf16: bool, slots: int) -> bool:
-    """Whether a pair's values take the raw path: one scale per row, 2 or 4 bits, fp16, unless switched off
+    """Whether a pair's values take the raw path: one scale per row, 2, 3 or 4 bits, fp16, unless switched off
     (``KV_GLUON_RAWV=0``; with value outliers, ``slots`` > 0: ``KV_GLUON_RAWVOUT=0``). The raw accumulator holds
     each channel in units of ``2^(pos - 24)`` of its code position, times ``2^E`` (:func:`value_exponent`), so a
     value outlier's delta tile, which adds ``delta p`` through one more product with ``P^T = p``, holds
@@ -1224,12 +1224,15 @@ def _raw_exponent(spec) -> int:
     if (cached is not None and cached[0] is spec.scale and cached[1] == spec.scale._version
             and cached[2] is delta):
         return cached[3]
-    smax = float(spec.scale.float().abs().max()) if spec.scale.numel() else 0.0
-    e = 15 - math.frexp(smax)[1] if smax > 0 and math.isfinite(smax) else 0  # smax = m 2^x, 1/2 <= m < 1
-    if delta is not None and delta.numel():
-        dmax = float(delta.abs().max())
-        if dmax > 0 and math.isfinite(dmax):
-            e = min(e, 31 - math.frexp(dmax)[1])
+    zero = spec.scale.new_zeros((), dtype=torch.float32)
+    smax = spec.scale.float().abs().max() if spec.scale.numel() else zero
+    dmax = delta.float().abs().max().to(zero.device) if delta is not None and delta.numel() else zero
+    smax, dmax = torch.stack([smax, dmax]).tolist()  # one host sync
+    e = 15 - math.frexp(smax)[1] if smax > 0 and math.isfinite(smax) else None  # smax = m 2^x, 1/2 <= m < 1
+    if dmax > 0 and math.isfinite(dmax):  # no scale to go by (all 0): the deltas' bound alone, not deep subnormals
+        cap = 31 - math.frexp(dmax)[1]
+        e = cap if e is None else min(e, cap)
+    e = 0 if e is None else min(e, 60)  # p 2^E and l stay finite in float32
     try:
         object.__setattr__(part, "_gluon_vexp", (spec.scale, spec.scale._version, delta, e))
     except (AttributeError, TypeError):

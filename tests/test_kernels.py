@@ -612,6 +612,9 @@ def test_outlier_slots_hand_case():
 
         big = NS(part=None, scale=torch.tensor([1e-3]), has_out=True, odelta=torch.tensor([1000.0, -3.0]))
         assert ga._raw_exponent(big) == 21
+        # all scales 0: the deltas' bound alone (E = 0 would leave the slots deep fp16 subnormals)
+        flat = NS(part=None, scale=torch.zeros(3), has_out=True, odelta=torch.tensor([7.3, -5.1]))
+        assert ga._raw_exponent(flat) == 31 - 3
     assert [ga.out_row(c) for c in (0, 1, 15, 16, 127)] == [0, 8, 120, 1, 127]
     g = _gen(3)
     for per_row in ([2, 0, 1, 2, 2], [1, 0, 1, 1, 0]):
@@ -758,12 +761,14 @@ def test_gluon_raw_paths_are_as_precise(kbits, vbits, amp, spread, monkeypatch, 
 
 
 @gpu_only
-@pytest.mark.parametrize("kbits,vbits,amp,spread", [(2, 2, 1, 1), (4, 4, 1, 3), (2, 4, 1e-3, 3), (3, 2, 1e-2, 3),
-                                                    (4, 2, 1e-6, 2), (2, 4, 300, 2), (3, 3, 1, 2), (2, 3, 1e-4, 3)])
-def test_gluon_raw_values_with_outliers(kbits, vbits, amp, spread, monkeypatch, gluon_strict):
+@pytest.mark.parametrize("kbits,vbits,amp,spread,big", [
+    (2, 2, 1, 1, 0), (4, 4, 1, 3, 0), (2, 4, 1e-3, 3, 0), (3, 2, 1e-2, 3, 0), (4, 2, 1e-6, 2, 0), (2, 4, 300, 2, 0),
+    (3, 3, 1, 2, 0), (2, 3, 1e-4, 3, 0), (2, 2, 1e-3, 2, 1000), (3, 3, 1e-3, 2, 2000)])
+def test_gluon_raw_values_with_outliers(kbits, vbits, amp, spread, big, monkeypatch, gluon_strict):
     """Values with QAQ's outliers (up to 4 per row) take the raw path as well: each slot's delta is stored in its
     accumulator row's units (``delta 2^(E + pos - 24)``) and its tile multiplied by ``p``; at least as close to
-    float64 as the pairs, with tiny (``amp``: values times 1e-6) and large value scales and peaked attention."""
+    float64 as the pairs, with tiny (``amp``: values times 1e-6) and large value scales and peaked attention; and
+    with one outlier (``big``) far above the scales, which lowers ``E`` so that its slot stays below ``2^15``."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan
     from kernels.triton_tiles import PartSpec
@@ -780,6 +785,8 @@ def test_gluon_raw_values_with_outliers(kbits, vbits, amp, spread, monkeypatch, 
         part.zero.mul_(f)
         _row_outliers(part, torch.randint(0, 5, (n,), generator=g), g)
         part.out_val.mul_(f)
+    if big:
+        v_part.out_val[0] = big
     kspec, vspec = PartSpec(k_part, dispatch.outlier_csr(k_part)), PartSpec(v_part, dispatch.outlier_csr(v_part))
     offs = dispatch._offsets(counts)
     plan = PairPlan(kspec, vspec, offs[:H], offs[:H], list(counts), nsplit=5, device=DEV)
@@ -787,7 +794,9 @@ def test_gluon_raw_values_with_outliers(kbits, vbits, amp, spread, monkeypatch, 
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [0] * H, list(counts))
     consts = ga._consts(plan, False, 4)
     assert consts["V_RAW"] and consts["V_OUT"] and not consts["K_TS"]
-    assert ga.value_exponent(plan.v) == 15 - math.frexp(float(v_part.scale.float().max()))[1]
+    e_s = 15 - math.frexp(float(v_part.scale.float().max()))[1]
+    e_d = 31 - math.frexp(float(vspec.odelta.abs().max()))[1]
+    assert ga.value_exponent(plan.v) == min(e_s, e_d) and (e_d < e_s) == bool(big)
     _raw_then_pairs(ga, monkeypatch, q, plan, o64, ("RAW_VOUT",), "V_RAW")
 
 
@@ -1269,10 +1278,10 @@ bf16, dynamic, tok, out = sys.argv[4] == "1", sys.argv[5] == "1", sys.argv[6] ==
 kb, vb, kg = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[7])
 vg = 128 if vb in (1, 3) or (tok and kg == 128) else 32
 ptx = ga.compile_offline(kb, vb, kg, vg, want_scores=sys.argv[3] == "1", bf16=bf16, dynamic=dynamic, k_tok=tok,
-                         k_out=out, v_out=out, pdl=out > 0).asm["ptx"]
+                         k_out=out, v_out=out, pdl=out > 0 or vb == 3).asm["ptx"]
 t = "bf16" if bf16 else "f16"
 gdc = ("griddepcontrol.launch_dependents", "griddepcontrol.wait")  # a chained launch's code (QAQ's part pairs)
-assert all((g in ptx) == (out > 0) for g in gdc), [g in ptx for g in gdc]
+assert all((g in ptx) == (out > 0 or vb == 3) for g in gdc), [g in ptx for g in gdc]  # built so: out or 3-bit values
 need = (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32", "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32")
 raw = (ga.raw_keys(kb, kg, tok, bf16), ga.raw_values(vb, vg, bf16, out))
 for side, b in ((0, kb), (1, vb)):
@@ -1318,7 +1327,8 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
     (4, 2, False, True, False, True, 128, 0), (4, 4, False, False, True, True, 128, 4),
     (2, 4, True, True, False, True, 64, 4), (3, 3, True, False, True, True, 128, 4),
     (2, 3, False, True, False, False, 32, 0), (3, 1, False, False, True, True, 128, 4),
-    (2, 4, True, False, True, True, 128, 0), (4, 2, False, False, False, True, 128, 0)])
+    (2, 4, True, False, True, True, 128, 0), (4, 2, False, False, False, True, 128, 0),
+    (2, 3, False, False, True, True, 128, 0)])
 def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg, out):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
