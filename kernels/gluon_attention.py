@@ -856,6 +856,12 @@ def extra3(w_half: int, w12: int, r: int) -> int:
 
 
 @gluon.jit
+def _v3_bit(t):
+    """:func:`v3_source`'s bit of the code in row ``t`` of a lane's 3-bit value rows, in the kernel."""
+    return gl.where(t < 5, 3 * t, gl.where(t == 5, 7, gl.where(t < 10, 3 * t - 16, gl.where(t < 15, 3 * (t - 10), 0))))
+
+
+@gluon.jit
 def _v3_channel(oc):
     """:func:`v3_channel` of accumulator rows ``oc`` in the kernel."""
     t = oc // 8
@@ -1039,8 +1045,7 @@ def _vchunk3(vptr, sptr, zptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, MASKED
     hin = gl.expand_dims(gl.expand_dims(gl.convert_layout(hin, S4, assert_trivial=True), 3), 0) + zero5
     tt = _vrows()
     x = gl.where(tt < 5, lo0, gl.where(tt == 5, mid0, gl.where(tt < 10, hi0, gl.where(tt < 15, lon, hin))))
-    pos = gl.where(tt < 5, 3 * tt, gl.where(tt == 5, 7, gl.where(tt < 10, 3 * tt - 16,
-                                                                 gl.where(tt < 15, 3 * (tt - 10), 0))))  # v3_source
+    pos = _v3_bit(tt)
     if RAW:
         x = gl.where(pos > 7, x >> 8, x)
         pos = gl.where(pos > 7, pos - 8, pos)
@@ -1165,10 +1170,8 @@ def raw_vpos(row, bits: int):
     word; 3 bits: :func:`v3_source`'s bit, less 8 above 7; :func:`_raw_vfac`'s ``2^(24 - pos)``); works on int
     tensors too."""
     if bits == 3:
-        t = row // 8
-        pos = ((t < 5) * (3 * t) + (t == 5) * 7 + ((t > 5) & (t < 10)) * (3 * t - 16)
-               + ((t >= 10) & (t < 15)) * (3 * (t - 10)))
-        return pos - (pos > 7) * 8
+        bit = sum((row // 8 == t) * v3_source(t)[1] for t in range(16))
+        return bit - (bit > 7) * 8
     per = 32 // bits
     nin = raw_in_place(bits)
     jh = ((row // 8) % per) % (per // 2)
@@ -1328,8 +1331,12 @@ def _vchunk_raw(vptr, vrow0, v_nrows, vrow_off, i: gl.constexpr, BITS: gl.conste
     """Raw value chunk ``V^T [128 channels, 16 tokens]``: the two tokens' codes of each channel masked out of their
     merged words (in place, or after one shift of the merged word) as fp16 subnormals ``code x 2^(pos - 24)``;
     accumulator row ``8 t + r`` is then in units of ``2^(raw_pos(t) - 24)`` (:func:`_raw_vfac`)."""
-    w0, w1 = _vwords(vptr, vrow0, v_nrows, vrow_off, i, VPER, MASKED)
-    return _vraw(w0, w1, BITS, VPER)
+    if BITS == 3:
+        a = _vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, i, MASKED, False, True)
+    else:
+        w0, w1 = _vwords(vptr, vrow0, v_nrows, vrow_off, i, VPER, MASKED)
+        a = _vraw(w0, w1, BITS, VPER)
+    return a
 
 
 @gluon.jit
@@ -1367,9 +1374,7 @@ def _raw_vfac(oc, BITS: gl.constexpr):
     """``2^(24 - pos)`` of accumulator rows ``oc`` (``8 t + r``: code ``t % VPER`` of its word; 3 bits: the position
     of :func:`v3_source`, less 8 above 7) of raw values (:func:`raw_vpos`)."""
     if BITS == 3:
-        t = oc // 8
-        pos = gl.where(t < 5, 3 * t, gl.where(t == 5, 7, gl.where(t < 10, 3 * t - 16, gl.where(t < 15, 3 * (t - 10),
-                                                                                              0))))
+        pos = _v3_bit(oc // 8)
         pos = gl.where(pos > 7, pos - 8, pos)
     else:
         VPER: gl.constexpr = 32 // BITS
@@ -2094,11 +2099,6 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         acc = mma_v2(_vraw(va2, vb2, V_BITS, VPER), _pt(p2 * sv2, BF16), acc)
         va3, vb3 = _ts_vwords(vw_st, c0 + 3, VPER)
         acc = mma_v2(_vraw(va3, vb3, V_BITS, VPER), _pt(p3 * sv3, BF16), acc)
-    elif V_RAW and V_BITS == 3:
-        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 0, MASKED, False, True), _pt(p0 * sv0, BF16), acc)
-        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 1, MASKED, False, True), _pt(p1 * sv1, BF16), acc)
-        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 2, MASKED, False, True), _pt(p2 * sv2, BF16), acc)
-        acc = mma_v2(_vchunk3(vptr, 0, 0, vrow0, v_nrows, vrow_off, 3, MASKED, False, True), _pt(p3 * sv3, BF16), acc)
     elif V_RAW:
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 0, V_BITS, VPER, MASKED), _pt(p0 * sv0, BF16), acc)
         acc = mma_v2(_vchunk_raw(vptr, vrow0, v_nrows, vrow_off, 1, V_BITS, VPER, MASKED), _pt(p1 * sv1, BF16), acc)
@@ -2651,10 +2651,10 @@ def _slot_cache(spec, value: bool = False) -> torch.Tensor | None:
     if not spec.has_out or spec.odelta is None or spec.scale.dtype not in (torch.float16, torch.bfloat16):
         return None
     part = spec.part
-    order = 3 if (value and spec.bits == 3) else 2  # the accumulator-row order of the slots' channels
+    rows_of = 3 if (value and spec.bits == 3) else 2  # the accumulator-row order of the slots' channels (out_row)
     raw = value and raw_values(spec.bits, spec.group, spec.scale.dtype == torch.bfloat16, MAX_SLOTS)
-    if raw:  # raw values: each delta in its accumulator row's units, which depend on the part's exponent
-        order = (spec.bits, _raw_exponent(spec))
+    # the cache key: the row order, or for raw values, whose deltas are in their rows' units, the part's exponent
+    order = (spec.bits, _raw_exponent(spec)) if raw else rows_of
     cached = getattr(part, "_gluon_slots", None)
     if cached is not None and cached[0] is spec.oidx and order in cached[1]:
         return cached[1][order]
@@ -2670,7 +2670,7 @@ def _slot_cache(spec, value: bool = False) -> torch.Tensor | None:
         rows = spec.nrows
         row, ch = sidx // spec.d, sidx % spec.d
         pos = torch.arange(sidx.numel(), device=sidx.device) - ptr[row]
-        rrow = out_row(ch, 3 if (value and spec.bits == 3) else 2)
+        rrow = out_row(ch, rows_of)
         if raw:  # delta 2^(E + pos - 24), rounded once
             delta = (spec.odelta.float() * torch.exp2((raw_vpos(rrow, spec.bits) + order[1] - 24).float())).to(
                 delta.dtype)
@@ -2732,8 +2732,8 @@ def chained(plans, q) -> bool:
     that its tail frees, one kernel at a time on an SM but for the tails (three kernels resident on every SM for the
     whole call ran a third slower: kernels/NOTES.md, session 11). Eager calls, bound by the host's launches, launch
     one after another: on the H100 machine's host the chain cost them up to 33 us (4k, three pairs) and won nothing."""
-    return (CHAIN and len(plans) > 1 and all(supports(p, q) for p in plans)
-            and _major_cc(q.device.index) >= 9 and torch.cuda.is_current_stream_capturing())
+    return (CHAIN and len(plans) > 1 and q.is_cuda and torch.cuda.is_current_stream_capturing()
+            and all(supports(p, q) for p in plans) and _major_cc(q.device.index) >= 9)
 
 
 def supports(plan, q) -> bool:
