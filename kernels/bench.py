@@ -1,6 +1,7 @@
 """Decode-attention and quantize benchmarks of the Triton and Gluon kernels (CUDA only).
 
     python -m kernels.bench [--contexts 4k,16k,32k,64k,128k] [--batch 8] [--csv out.csv]
+    python -m kernels.bench --fit out.csv     # each row's marginal bandwidth and fixed cost (kernels/fit.py)
 
 Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
 packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
@@ -364,7 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default="kernels-bench.csv")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configurations at the first context only")
     ap.add_argument("--then-bench", action="store_true", help="after --sweep, run the benchmark with the best one")
+    ap.add_argument("--fit", metavar="CSV", help="print each row's marginal bandwidth and fixed cost from a CSV of "
+                    "this benchmark (kernels/fit.py; no GPU needed) and exit")
     a = ap.parse_args(argv)
+    if a.fit:
+        from kernels.fit import FitError, fit_rows, read_rows, to_markdown
+
+        try:
+            print(to_markdown(fit_rows(read_rows(a.fit))), end="")
+        except FitError as e:
+            print(f"kernels.bench: {e}", file=sys.stderr)
+            return 2
+        return 0
     if not torch.cuda.is_available():
         print("kernels.bench needs CUDA; nothing to do", file=sys.stderr)
         return 2
