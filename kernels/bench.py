@@ -3,24 +3,23 @@
     python -m kernels.bench [--contexts 4k,16k,32k,64k,128k] [--batch 8] [--csv out.csv]
     python -m kernels.bench --fit out.csv     # each row's marginal bandwidth and fixed cost (kernels/fit.py)
 
-Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16,
-packed KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys
-and values in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V) and QAQ's
-format at one width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row) and with
-QAQ's default outliers (``qaq-Nbit-rows+out``: quantized and packed by QAQ's own functions, each row's extremes
-exact, statistics over the rest), and the mix's widths and shares stored that way (``qaq-mix-rows-2/3/4bit+out``;
-the first mix's key and value groups of 32 channels at 3 bits and its up to ~9 random outliers in a row keep it on the
-Triton kernel), and what QAQ's default bounds store (``qaq-k3v1/k3v0-rows+out``: 3-bit keys, half the tokens with
-1-bit and half with 0-bit values, QAQ's outliers); then bf16 SDPA and KIVI 4-bit / 2-bit quantized from the same
+Per context length: fp16 SDPA (``enable_gqa``; flash-attn too when installed), the Triton kernel on dense fp16, packed
+KIVI 4-bit and 2-bit (ChannelQuant keys G=32 + TokenQuant values G=32), and a QAQ-like mix (TokenQuant keys and values
+in three segments at 2/3/4 bits over 30/50/20% of the tokens, 1% sparse outliers in K and V) and QAQ's format at one
+width without outliers (``qaq-Nbit-rows``: TokenQuant K and V, a scale and zero per row) and with QAQ's default
+outliers (``qaq-Nbit-rows+out``: quantized and packed by QAQ's own functions, each row's extremes exact, statistics
+over the rest; ``qaq-2bit-rows+out5%``: at its ``outliers=0.05``, about 8 per row), and the mix's widths and shares
+stored that way (``qaq-mix-rows-2/3/4bit+out``; the first mix's 3-bit pair, in groups of 32 channels, keeps it partly
+on the Triton kernel), and what QAQ's default bounds store (``qaq-k3v1/k3v0-rows+out``: 3-bit keys, half the tokens
+with 1-bit and half with 0-bit values, QAQ's outliers); then bf16 SDPA and KIVI 4-bit / 2-bit quantized from the same
 K/V in bf16 (their speed-ups are against bf16 SDPA). Times are medians of CUDA-event timings; bytes are the real
-tensors read (codes, scales, zeros,
-outliers, queries); the effective bandwidth is compared with a device-to-device copy measured in the same run.
-``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop runs it; the host's Python
-launch cost is not in it), each replay after a 512 MiB read that leaves the L2 full of clean lines of other data (as
-in a decode step, where the other layers' weights and caches pass through the L2 between two calls of one layer; a
-zero-filling flush like ``do_bench``'s would leave dirty lines whose write-back lands in the timed call);
-``eager_us`` is one call launched from Python each time (``do_bench``), host cost included (it dominates at short
-contexts).
+tensors read (codes, scales, zeros, outliers, queries); the effective bandwidth is compared with a device-to-device
+copy measured in the same run. ``time_us`` is the GPU time of one call replayed from a CUDA graph (how a decode loop
+runs it; the host's Python launch cost is not in it), each replay after a 512 MiB read that leaves the L2 full of clean
+lines of other data (as in a decode step, where the other layers' weights and caches pass through the L2 between two
+calls of one layer; a zero-filling flush like ``do_bench``'s would leave dirty lines whose write-back lands in the
+timed call); ``eager_us`` is one call launched from Python each time (``do_bench``), host cost included (it dominates
+at short contexts).
 The prefill rows compare quantize+pack of one layer's K and V with SDPA causal prefill at the same length.
 """
 
@@ -100,9 +99,9 @@ def part_bytes(p, spec=None, value: bool = False) -> int:
     """Bytes of a part's tensors that a decode step reads: codes, scales, zeros and its outliers, as stored (int32
     index + value) or, where the Gluon kernel serves the part (``spec`` given), as the fixed slots it reads instead
     (gluon_attention.outlier_slots, built once per part and kept beside the stored pairs): the first plane, 2 slots
-    of 4 bytes per row, and two 4-byte prefix counts per 64 rows (a half tile's flag); the second plane, read only
-    for the half tiles that have a row with a third or fourth outlier (about 14% of them for QAQ's rows), is not
-    counted."""
+    of 4 bytes per row, two 4-byte prefix counts per 64 rows (a half tile's flag), and the further planes of the
+    half tiles that have a row with a third outlier (about 14% of them for QAQ's rows, nearly all with 1% of the
+    elements at random positions), which the kernel reads only there."""
     if hasattr(p, "x"):
         return _nbytes(p.x)
     ell = None
@@ -112,7 +111,16 @@ def part_bytes(p, spec=None, value: bool = False) -> int:
         ell = outlier_slots(spec, value)
     codes = _nbytes(p.words, p.scale if p.nbits else None, p.zero)
     if ell is not None:
-        return codes + _nbytes(slot_views(ell, spec.nrows)[0]) + 8 * -(-spec.nrows // 64)
+        plane0, pre, more = slot_views(ell, spec.nrows)
+        extra = 0
+        if more is not None:  # the half tiles of each head (from its first row) whose prefix counts differ
+            start = 0
+            for c in p.counts:
+                lo = torch.arange(start, start + c, 64, device=pre.device)
+                hi = torch.clamp(lo + 64, max=start + c)
+                extra += int((pre[hi] > pre[lo]).sum()) * 64 * 8 * more.shape[0]
+                start += c
+        return codes + _nbytes(plane0) + 8 * -(-spec.nrows // 64) + extra
     return codes + _nbytes(getattr(p, "out_idx", None), getattr(p, "out_val", None))
 
 
@@ -140,6 +148,8 @@ def build_cases(B: int, hkv: int, T: int, d: int, seed: int = 0) -> dict:
         cases[f"qaq-{bits}bit-rows"] = [(token_part(k, counts, bits, d), token_part(v, counts, bits, d), counts)]
     for bits in (4, 3, 2):  # ... and as QAQ stores them with its default outliers (each row's extremes exact)
         cases[f"qaq-{bits}bit-rows+out"] = [(qaq_rows(k, counts, bits), qaq_rows(v, counts, bits), counts)]
+    # QAQ's outliers=0.05: about 8 per row, up to ~10 (the kernel's planes after the second)
+    cases["qaq-2bit-rows+out5%"] = [(qaq_rows(k, counts, 2, 0.05), qaq_rows(v, counts, 2, 0.05), counts)]
     # the mix's widths and shares as QAQ stores them: rows with one scale and zero, each row's extremes exact
     pairs, start = [], 0
     for bits, frac in ((2, 0.3), (3, 0.5), (4, 0.2)):

@@ -568,9 +568,10 @@ def _row_outliers(part, per_row, g):
 
 def test_outlier_slots_hand_case():
     """The fixed-slot form of a part's outliers (what the Gluon kernel reads): row i's outliers in channel order, two
-    in plane 0, a third and fourth in plane 1 (only when some row has them), the prefix counts of the rows with plane
-    1 slots between them; each slot the byte offset of the channel's accumulator row << 16 | the fp16 bits of value
-    - dequantized code; empty slots 0; more than 4 in a row, repeated indices, deltas beyond fp16: none."""
+    in plane 0, the third and fourth in plane 1, the fifth and sixth in plane 2 ... (only when some row has them),
+    the prefix counts of the rows with a third outlier and the number of further planes between them; each slot the
+    byte offset of the channel's accumulator row << 16 | the fp16 bits of value - dequantized code; empty slots 0;
+    more than 16 in a row, repeated indices, deltas beyond fp16: none."""
     from kernels import gluon_attention as ga
     from kernels.triton_tiles import PartSpec
 
@@ -582,9 +583,12 @@ def test_outlier_slots_hand_case():
     part.out_idx = torch.tensor([128 + 7, 5, 128 + 2, 128 + 100], dtype=torch.int32)  # row 0: ch 5; row 1: 2, 7, 100
     part.out_val = torch.tensor([10.0, -3.0, 4.5, 0.25], dtype=torch.float16)
     ell = ga.outlier_slots(PartSpec(part, dispatch.outlier_csr(part)))
-    # plane 0 (3 x 2), prefix counts (4 entries, even), plane 1 (3 x 2): row 1 has a third outlier
-    assert ell.shape == (6 + 4 + 6,) and ell.dtype == torch.int32 and ell.device == cpu
-    plane0, prefix, plane1 = ga.slot_views(ell, 3)
+    # plane 0 (3 x 2), prefix counts (4 entries) + the number of further planes + padding, plane 1 (3 x 2): row 1
+    # has a third outlier
+    assert ell.shape == (6 + 6 + 6,) and ell.dtype == torch.int32 and ell.device == cpu
+    plane0, prefix, more = ga.slot_views(ell, 3)
+    assert more.shape == (1, 3, 2) and int(ell[3 * 3 + 1]) == 1
+    plane1 = more[0]
 
     def slot(ch, delta):  # the channel's accumulator row 8 (c % 16) + c // 16, as a byte offset (x 32)
         w = ((8 * (ch % 16) + ch // 16) * 32 << 16) | int(torch.tensor(delta, dtype=torch.float16).view(
@@ -603,7 +607,7 @@ def test_outlier_slots_hand_case():
     if ga.raw_values(2, 128, False, ga.MAX_SLOTS):
         vspec = PartSpec(part, dispatch.outlier_csr(part))
         assert ga.value_exponent(vspec) == 14
-        v0, _, v1 = ga.slot_views(ga.outlier_slots(vspec, True), 3)
+        v0, _, (v1,) = ga.slot_views(ga.outlier_slots(vspec, True), 3)
         assert v0.tolist() == [[slot(5, -2.5 / 1024), 0], [slot(2, 2.25 / 64), slot(7, 8.0 / 64)], [0, 0]]
         assert v1.tolist() == [[0, 0], [slot(100, -2.5 / 4), 0], [0, 0]]
         assert [ga.raw_vpos(ga.out_row(c), 2) for c in (5, 2, 7, 100)] == [0, 4, 4, 8]
@@ -620,14 +624,23 @@ def test_outlier_slots_hand_case():
     for per_row in ([2, 0, 1, 2, 2], [1, 0, 1, 1, 0]):
         two = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), per_row, g)
         one = ga.outlier_slots(PartSpec(two, dispatch.outlier_csr(two)))
-        assert one.shape == (10 + 6,) and ga.slot_views(one, 5)[2] is None  # one plane
+        assert one.shape == (10 + 8,) and ga.slot_views(one, 5)[2] is None and int(one[16]) == 0  # one plane
         assert ga.slot_views(one, 5)[1].tolist() == [0] * 6  # no plane-1 rows: the kernel never reads plane 1
     four = _row_outliers(_token_part(4, 128, 4, 128, torch.float16, g), [3, 0, 2, 1], g)
     ell4 = ga.outlier_slots(PartSpec(four, dispatch.outlier_csr(four)))
-    assert ell4.shape == (8 + 6 + 8,) and ell4[8 + 5] == 0  # 4 rows: 5 prefix counts and a padding entry
-    assert ga.slot_views(ell4, 4)[1].tolist() == [0, 1, 1, 1, 1] and ga.slot_views(ell4, 4)[2][0, 0] != 0
-    five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 0, 0], g)
-    assert ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five))) is None
+    assert ell4.shape == (8 + 6 + 8,) and ell4[8 + 5] == 1  # 4 rows: 5 prefix counts and the number of planes after 0
+    assert ga.slot_views(ell4, 4)[1].tolist() == [0, 1, 1, 1, 1] and ga.slot_views(ell4, 4)[2][0, 0, 0] != 0
+    five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 3, 0], g)
+    ell5 = ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five)))
+    p0, pre5, more5 = ga.slot_views(ell5, 5)
+    assert ell5.shape == (10 + 8 + 2 * 10,) and int(ell5[3 * 5 + 1]) == 2 and more5.shape == (2, 5, 2)
+    assert pre5.tolist() == [0, 0, 1, 1, 2, 2]  # rows 1 and 3 have a third outlier
+    filled = (torch.stack([p0, *more5]) != 0).int()  # [plane, row, slot]: row 1's five, row 3's three, row 0's one
+    assert filled[:, 1].flatten().tolist() == [1, 1, 1, 1, 1, 0]
+    assert filled[:, 3].flatten().tolist() == [1, 1, 1, 0, 0, 0]
+    assert int(filled.sum()) == 9
+    many = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 17, 0, 0, 0], g)
+    assert ga.outlier_slots(PartSpec(many, dispatch.outlier_csr(many))) is None
     dup = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [2, 0, 0, 0, 0], g)
     dup.out_idx = dup.out_idx[[0, 0]].contiguous()  # one position twice: the reference writes it once
     assert ga.outlier_slots(PartSpec(dup, dispatch.outlier_csr(dup))) is None
@@ -670,7 +683,11 @@ def test_bench_qaq_rows_are_qaqs_storage():
     (3, 1, 128, 128, 8, 1, False, True, 0, 2, 2, F16, False), (3, 0, 128, 128, 8, 1, False, True, 3, 3, 4, F16, False),
     (4, 0, 128, 64, 4, 2, True, False, 0, 2, 2, BF16, True),
     # raw values (no value outliers) next to key outliers, raw keys or not
-    (2, 4, 128, 128, 8, 2, False, True, 3, 2, 0, F16, False), (4, 2, 128, 128, 4, 1, True, True, 0, 3, 0, F16, True)])
+    (2, 4, 128, 128, 8, 2, False, True, 3, 2, 0, F16, False), (4, 2, 128, 128, 4, 1, True, True, 0, 3, 0, F16, True),
+    # more than 4 per row (planes 2 ..: QAQ's outliers=0.05 keeps about 8), raw values and pairs, the most (16)
+    (2, 2, 128, 128, 4, 1, False, True, 0, 9, 8, F16, False), (4, 4, 128, 128, 8, 2, True, False, 3, 5, 16, F16, True),
+    (3, 3, 128, 128, 4, 1, False, True, 0, 16, 7, F16, False), (3, 1, 128, 128, 4, 1, True, True, 0, 12, 0, F16, False),
+    (2, 4, 64, 32, 8, 1, False, False, 0, 6, 11, BF16, False)])
 def test_gluon_outliers_match_float64(kbits, vbits, kg, vg, M, lq, uniform, want, newr, k_most, v_most, dtype, static,
                                       monkeypatch, gluon_strict):
     """TokenQuant pairs with sparse outliers (up to ``k_most`` / ``v_most`` per row, rows with none among them:
@@ -972,7 +989,7 @@ def test_gluon_value_outliers_in_one_channel(varied, gluon_strict):
 @gpu_only
 def test_gluon_scope_of_tokenquant_keys():
     """Which TokenQuant-key pairs the Gluon kernel takes: keys and values of 2 or 4 bits, key groups of 32, 64 or 128
-    channels, 3 bits with one scale per row (group 128), values also of 0 and 1 bit, at most 4 outliers per row;
+    channels, 3 bits with one scale per row (group 128), values also of 0 and 1 bit, at most 16 outliers per row;
     group 16, 3 bits in smaller groups, 0/1/8-bit keys, more outliers in a row and value outliers next to
     ChannelQuant keys stay on Triton."""
     from kernels import gluon_attention as ga
@@ -988,6 +1005,7 @@ def test_gluon_scope_of_tokenquant_keys():
 
     assert all(fits(kb, kg, vb=vb) for kb in (2, 4) for vb in (2, 4) for kg in (32, 64, 128))
     assert fits(2, 128, k_out=10) and fits(4, 128, v_out=10)  # a few per row
+    assert fits(2, 128, k_out=400) and fits(4, 128, v_out=400)  # about 4 per row, some rows with 9 or more
     ck = _make("C", counts, d, 2, 32, torch.float16, g, 0)
     v = _make("T", counts, d, 2, 32, torch.float16, g, 10)
     assert not ga.pair_fits(PartSpec(ck), PartSpec(v, dispatch.outlier_csr(v)))  # ChannelQuant keys: no outliers
@@ -1328,7 +1346,8 @@ print("missing:", [i for i in need if i not in ptx], "shared:", "st.shared" in p
     (2, 4, True, True, False, True, 64, 4), (3, 3, True, False, True, True, 128, 4),
     (2, 3, False, True, False, False, 32, 0), (3, 1, False, False, True, True, 128, 4),
     (2, 4, True, False, True, True, 128, 0), (4, 2, False, False, False, True, 128, 0),
-    (2, 3, False, False, True, True, 128, 0)])
+    (2, 3, False, False, True, True, 128, 0), (2, 2, True, False, True, True, 128, 16),
+    (3, 1, False, True, True, True, 128, 16)])
 def test_gluon_kernel_builds_for_hopper(kbits, vbits, want, bf16, dynamic, tok, kg, out):
     """The Gluon kernel compiles for sm_90 on any machine (no GPU; in a subprocess, outside the interpreter): its
     layout conversions are asserted register-trivial at build time, and the PTX holds the tensor-core, movmatrix
