@@ -113,11 +113,11 @@ def part_bytes(p, spec=None, value: bool = False) -> int:
     if ell is not None:
         plane0, pre, more = slot_views(ell, spec.nrows)
         extra = 0
-        if more is not None:  # the half tiles of each head (from its first row) whose prefix counts differ
-            start = 0
+        if more is not None:  # the half tiles whose prefix counts differ, as the kernel flags them (_more): each
+            start = 0  # head's 2 ceil(rows / 128) from its first row, clamped to the part
             for c in p.counts:
-                lo = torch.arange(start, start + c, 64, device=pre.device)
-                hi = torch.clamp(lo + 64, max=start + c)
+                lo = torch.clamp(torch.arange(start, start + 128 * -(-c // 128), 64, device=pre.device), max=spec.nrows)
+                hi = torch.clamp(lo + 64, max=spec.nrows)
                 extra += int((pre[hi] > pre[lo]).sum()) * 64 * 8 * more.shape[0]
                 start += c
         return codes + _nbytes(plane0) + 8 * -(-spec.nrows // 64) + extra

@@ -72,7 +72,7 @@ bf16 caches (bf16 queries, scales and zeros) run the same kernel with bf16 opera
 ``code s + z`` is rounded once (4 instructions per pair; with only 8 mantissa bits the fp16 form's bias
 ``z - 2^bits s`` lost up to several bf16 steps).
 
-Sparse outliers (QAQ keeps each row's extremes exact; TokenQuant keys and values, at most 4 per row): each part's
+Sparse outliers (QAQ keeps each row's extremes exact; TokenQuant keys and values, at most 16 per row): each part's
 outliers are laid out once as fixed slots per row (:func:`outlier_slots`). A key outlier adds ``q'[m, c] delta`` to
 its token's scores, which the lane holding the score row computes from the scaled queries kept in shared memory. A
 value outlier adds ``delta p[t, m]`` to output channel ``c``, which another lane holds: each chunk's deltas are
@@ -1685,7 +1685,7 @@ def _slots(ell, row, nrows, MASKED: gl.constexpr, BF16: gl.constexpr):
 
 @gluon.jit
 def _more(ell, lo, nrows):
-    """Whether any of the rows ``lo .. lo + 63`` (a half tile's; clamped to the part) has slots in the second plane:
+    """Whether any of the rows ``lo .. lo + 63`` (a half tile's; clamped to the part) has slots after plane 0:
     the difference of two of the part's prefix counts (:func:`outlier_slots`), two loads of one address per warp, so
     the branch on it is warp-uniform and needs no reduction across lanes."""
     pre = ell + 2 * nrows
@@ -2048,7 +2048,7 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
     vptr = v_data + (vrow0 * ((128 + VPER - 1) // VPER) + vw_off)
     sptr = v_scale + (vrow0 * (128 // V_GROUP) + vs_off)
     zptr = v_zero + (vrow0 * (128 // V_GROUP) + vs_off)
-    # outliers' second planes: one warp-uniform flag per half tile and side, loaded first (their latency hides
+    # outliers' planes after the first: one warp-uniform flag per half tile and side, loaded first (their latency hides
     # behind the key chunks)
     if K_OUT >= 4:
         kmore = _more(k_ell, T8, k_nrows)

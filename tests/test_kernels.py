@@ -629,6 +629,7 @@ def test_outlier_slots_hand_case():
     four = _row_outliers(_token_part(4, 128, 4, 128, torch.float16, g), [3, 0, 2, 1], g)
     ell4 = ga.outlier_slots(PartSpec(four, dispatch.outlier_csr(four)))
     assert ell4.shape == (8 + 6 + 8,) and ell4[8 + 5] == 1  # 4 rows: 5 prefix counts and the number of planes after 0
+    assert ga._slots_of(PartSpec(four, dispatch.outlier_csr(four)), False) == 4  # two planes: the 4-slot kernel
     assert ga.slot_views(ell4, 4)[1].tolist() == [0, 1, 1, 1, 1] and ga.slot_views(ell4, 4)[2][0, 0, 0] != 0
     five = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 5, 0, 3, 0], g)
     ell5 = ga.outlier_slots(PartSpec(five, dispatch.outlier_csr(five)))
@@ -639,6 +640,7 @@ def test_outlier_slots_hand_case():
     assert filled[:, 1].flatten().tolist() == [1, 1, 1, 1, 1, 0]
     assert filled[:, 3].flatten().tolist() == [1, 1, 1, 0, 0, 0]
     assert int(filled.sum()) == 9
+    assert ga._slots_of(PartSpec(five, dispatch.outlier_csr(five)), False) == ga.MAX_SLOTS  # three: planes looped
     many = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [1, 17, 0, 0, 0], g)
     assert ga.outlier_slots(PartSpec(many, dispatch.outlier_csr(many))) is None
     dup = _row_outliers(_token_part(5, 128, 4, 128, torch.float16, g), [2, 0, 0, 0, 0], g)
@@ -907,12 +909,13 @@ def test_gluon_raw_channel_keys_are_as_precise(kg, vg, amp, spread, monkeypatch,
 
 
 @gpu_only
-@pytest.mark.parametrize("want,dtype", [(False, F16), (True, BF16)])
-def test_gluon_rare_second_plane(want, dtype, monkeypatch, gluon_strict):
+@pytest.mark.parametrize("want,dtype,many", [(False, F16, False), (True, BF16, False), (False, F16, True)])
+def test_gluon_rare_second_plane(want, dtype, many, monkeypatch, gluon_strict):
     """QAQ's ties: two outliers in every row, a third or fourth in a few rows only (at a head's first and last row,
     on both sides of a half-tile edge and inside a tile), so most half tiles skip plane 1 (their flag comes from two
     prefix counts) and the others must not: against float64, and dropping just those third and fourth outliers
-    changes the reference beyond the tolerance on each side."""
+    changes the reference beyond the tolerance on each side. ``many``: those few rows have 5 to 16 (the kernel's
+    variant with planes 2 ..: the same flag, the planes looped over)."""
     from kernels import gluon_attention as ga
     from kernels.triton_attention import PairPlan
     from kernels.triton_tiles import PartSpec
@@ -920,7 +923,7 @@ def test_gluon_rare_second_plane(want, dtype, monkeypatch, gluon_strict):
     taken = []
     launch = ga.launch
     monkeypatch.setattr(ga, "launch", lambda *a, **k: (taken.append(1), launch(*a, **k)))
-    g = _gen(99 + want)
+    g = _gen(99 + want + 7 * many)
     counts, d, M = (700, 1000, 385), 128, 4
     H, n = len(counts), sum(counts)
     ko = dispatch._offsets(counts)
@@ -930,12 +933,13 @@ def test_gluon_rare_second_plane(want, dtype, monkeypatch, gluon_strict):
         per_row = torch.full((n,), 2)
         for h, c in enumerate(counts):
             for j, r in enumerate((0, 63 + side, 64 + 64 * side, 165, c - 1)):
-                per_row[ko[h] + r] = 3 + (j + side) % 2
+                per_row[ko[h] + r] = (5, 16, 9, 12, 7)[(j + side) % 5] if many else 3 + (j + side) % 2
         _row_outliers(part, per_row, g)
         rare = (per_row > 2).to(DEV)[part.out_idx.long() // d]
         part.out_val = torch.where(rare, part.out_val * 8, part.out_val)  # so those rows' outliers matter
     kspec, vspec = PartSpec(k_part, dispatch.outlier_csr(k_part)), PartSpec(v_part, dispatch.outlier_csr(v_part))
     assert ga.pair_fits(kspec, vspec)
+    assert ga._slots_of(kspec, False) == ga._slots_of(vspec, True) == (ga.MAX_SLOTS if many else 4)
     starts, cnts = [0] * H, list(counts)
     plan = PairPlan(kspec, vspec, list(ko[:H]), list(ko[:H]), cnts, nsplit=5, newr=0, device=DEV)
     q = _randn(H, M, d, g=g, dtype=dtype)
