@@ -1770,27 +1770,25 @@ def _vd_chunk(acc, p, i: gl.constexpr, cbuf, cbase, ell, ell1, vrow0, v_nrows, m
     """``acc += D_i^T P_i^T`` for chunk ``i``'s value outliers: every plane's deltas (plane 1, and with ``MANY`` the
     ``nx`` planes after plane 0, only when ``more``) written into tile ``i % 2``, a barrier, the tile read as the A
     operand. Returns ``acc`` and plane 0 and 1's slot addresses and words, for :func:`_vd_clear` after the next
-    barrier (:func:`_vd_clear_more` the rest)."""
+    barrier (:func:`_vd_planes` clears the rest)."""
     base = cbase + 4096 * (i % 2)
     a, e = _vd_write(base, ell, vrow0, i, v_nrows, True)
     b, f = _vd_write(base, ell1, vrow0, i, v_nrows, more)
-    if MANY:
-        if more:
-            for j in range(1, nx):  # rows with more than four outliers (planes 2 ..)
-                _vd_write(base, ell1 + j * 2 * v_nrows, vrow0, i, v_nrows, True)
+    _vd_planes(i, cbase, ell1, vrow0, v_nrows, more, nx, MANY, False)
     _BARRIER()
     acc = mma_v2(cbuf.slice(128 * (i % 2), 128).load(A_L), _pt(p, BF16), acc)
     return acc, a, e, b, f
 
 
 @gluon.jit
-def _vd_clear_more(i: gl.constexpr, cbase, ell1, vrow0, v_nrows, more, nx, MANY: gl.constexpr):
-    """Clear the entries of planes 2 .. that :func:`_vd_chunk` wrote into chunk ``i``'s tile (the slots read again;
-    only with ``MANY``)."""
+def _vd_planes(i: gl.constexpr, cbase, ell1, vrow0, v_nrows, more, nx, MANY: gl.constexpr, ZERO: gl.constexpr):
+    """Planes 2 .. ``nx`` of chunk ``i``'s value deltas (rows with more than four outliers; only with ``MANY`` and
+    when ``more``) into its tile (:func:`_vd_chunk`), or with ``ZERO`` their entries cleared after the tile was read
+    (the slots read again)."""
     if MANY:
         if more:
             for j in range(1, nx):
-                _vd_write(cbase + 4096 * (i % 2), ell1 + j * 2 * v_nrows, vrow0, i, v_nrows, True, True)
+                _vd_write(cbase + 4096 * (i % 2), ell1 + j * 2 * v_nrows, vrow0, i, v_nrows, True, ZERO)
 
 
 @gluon.jit
@@ -2179,18 +2177,18 @@ def _half(acc, m_i, l_i, za, qb, zs, qs, ve, T0, w, kbeg, vbeg, cnt, new0, k_dat
         acc, a0, e0, b0, f0 = _vd_chunk(acc, p0, 0, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, vx, BF16, V_OUT > 4)
         acc, a1, e1, b1, f1 = _vd_chunk(acc, p1, 1, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, vx, BF16, V_OUT > 4)
         _vd_clear(a0, e0, b0, f0)
-        _vd_clear_more(0, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4)
+        _vd_planes(0, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4, True)
         _BARRIER()
         acc, a2, e2, b2, f2 = _vd_chunk(acc, p2, 2, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, vx, BF16, V_OUT > 4)
         _vd_clear(a1, e1, b1, f1)
-        _vd_clear_more(1, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4)
+        _vd_planes(1, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4, True)
         _BARRIER()
         acc, a3, e3, b3, f3 = _vd_chunk(acc, p3, 3, cbuf, cbase, v_ell, v1, vrow0, v_nrows, vmore, vx, BF16, V_OUT > 4)
         _vd_clear(a2, e2, b2, f2)
-        _vd_clear_more(2, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4)
+        _vd_planes(2, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4, True)
         _BARRIER()
         _vd_clear(a3, e3, b3, f3)
-        _vd_clear_more(3, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4)
+        _vd_planes(3, cbase, v1, vrow0, v_nrows, vmore, vx, V_OUT > 4, True)
     return acc, m_new, l_i, za, nxt
 
 
