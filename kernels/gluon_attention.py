@@ -95,7 +95,6 @@ row, d != 128) runs on :mod:`kernels.triton_attention`.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import struct
 import warnings
@@ -106,6 +105,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from kernels import fast_launch
+from kernels.value_exponent import exponent as value_exponent_of
 
 ENABLED = os.environ.get("KV_GLUON", "1") == "1"
 # programs per SM (splits per head follow from it): by default as many as fit at once (the compiled kernel's
@@ -1206,19 +1206,21 @@ def rows_stageable(plan) -> bool:
             and all(t.data_ptr() % 4 == 0 for t in (k.scale, k.zero, v.scale, v.zero)))
 
 
-def value_exponent(spec) -> int:
+def value_exponent(spec) -> torch.Tensor | None:
     """The exponent ``E`` by which raw values scale the probabilities (``exp2(score - m + E)``; so ``l``, the zeros'
     term and ``P^T = p 2^E s`` with it, and the lse takes ``E`` off again): ``2^15 <= 2^E max(s) < 2^16`` over the
     part, so no ``P^T`` entry overflows (``p <= 1``) and only products below ``2^-29`` of the largest are fp16
     subnormals. Without it small value scales with peaked attention made most ``p s`` subnormals, with errors of
-    ``2^-25 / (p s)`` each, above the pairs' (found in review). One host sync per part, cached on it (with the scale
-    tensor and its version); 0 for parts that do not take the raw value path."""
+    ``2^-25 / (p s)`` each, above the pairs' (found in review). A float32 scalar on the part's device, which the kernel
+    loads (:mod:`kernels.value_exponent`: no host sync, so a decode step that builds a part does not wait for the
+    GPU), cached on the part (with the scale tensor and its version); None for parts that do not take the raw value
+    path."""
     if not raw_values(spec.bits, spec.group, spec.scale.dtype == torch.bfloat16, _slots_of(spec, True)):
-        return 0
+        return None
     return _raw_exponent(spec)
 
 
-def _raw_exponent(spec) -> int:
+def _raw_exponent(spec) -> torch.Tensor:
     """:func:`value_exponent` of a part that takes the raw value path; with value outliers (``spec.odelta``) also
     ``2^(E - 16) max |delta| < 2^15`` (their slots hold ``delta 2^(E + pos - 24)``, ``pos <= 8``)."""
     part = getattr(spec, "part", None)
@@ -1227,15 +1229,7 @@ def _raw_exponent(spec) -> int:
     if (cached is not None and cached[0] is spec.scale and cached[1] == spec.scale._version
             and cached[2] is delta):
         return cached[3]
-    zero = spec.scale.new_zeros((), dtype=torch.float32)
-    smax = spec.scale.float().abs().max() if spec.scale.numel() else zero
-    dmax = delta.float().abs().max().to(zero.device) if delta is not None and delta.numel() else zero
-    smax, dmax = torch.stack([smax, dmax]).tolist()  # one host sync
-    e = 15 - math.frexp(smax)[1] if smax > 0 and math.isfinite(smax) else None  # smax = m 2^x, 1/2 <= m < 1
-    if dmax > 0 and math.isfinite(dmax):  # no scale to go by (all 0): the deltas' bound alone, not deep subnormals
-        cap = 31 - math.frexp(dmax)[1]
-        e = cap if e is None else min(e, cap)
-    e = 0 if e is None else min(e, 60)  # p 2^E and l stay finite in float32
+    e = value_exponent_of(spec.scale, delta)
     try:
         object.__setattr__(part, "_gluon_vexp", (spec.scale, spec.scale._version, delta, e))
     except (AttributeError, TypeError):
@@ -2315,7 +2309,7 @@ _SIZES = ["KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", 
 def _kivi_attn_kernel(
     q_ptr, out_ptr, lse_ptr, s_ptr, k_data, k_scale, k_zero, v_data, v_scale, v_zero,
     meta_ptr, KB0, KHS, VB0, VHS, CNT, COL0, k_nrows, v_nrows, M, NMAX, COLBASE, NEWR, LQ,
-    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, v_e, ctr_ptr, k_ell, v_ell,
+    SPLIT_OFF, S_TOTAL, NSPLIT, sm_scale, ve_ptr, ctr_ptr, k_ell, v_ell,
     K_BITS: gl.constexpr, K_GROUP: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr,
     UNIFORM: gl.constexpr, WANT_SCORES: gl.constexpr, STAGE_K: gl.constexpr, DYNAMIC: gl.constexpr,
     BF16: gl.constexpr, K_TOK: gl.constexpr, K_OUT: gl.constexpr = 0, V_OUT: gl.constexpr = 0,
@@ -2329,6 +2323,10 @@ def _kivi_attn_kernel(
     gl.static_assert(K_GROUP % 16 == 0)
     hd = gl.program_id(0)
     sp = gl.program_id(1)
+    if V_RAW:  # the part's exponent E (value_exponent), a device scalar
+        v_e = gl.load(ve_ptr)
+    else:
+        v_e = 0.0
     if PDL:
         gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [sp], dtype=gl.int32, is_pure=False, pack=1)
     if UNIFORM:
@@ -2899,7 +2897,14 @@ def _warmup_args(plan) -> tuple:
     meta = torch.int64 if plan.meta is not None else torch.float32
     return (plan.k.scale.dtype, torch.float32, torch.float32, torch.float32, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, meta, *plan.scalars, plan.k.nrows, plan.v.nrows, 4, 0, 0, 0, 2, 0,
-            2, 2, 1.0, 0.0, torch.int32, torch.int32, torch.int32)
+            2, 2, 1.0, torch.float32, torch.int32, torch.int32, torch.int32)
+
+
+def _ve_arg(spec, lse_p: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``ve_ptr``: the value part's exponent (:func:`value_exponent`), or for parts without the raw value
+    path (not read) the float32 lse buffer."""
+    ve = value_exponent(spec)
+    return lse_p if ve is None else ve
 
 
 def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> tuple:
@@ -2909,7 +2914,7 @@ def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, sc
     return (q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
             plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
-            s_total, plan.nsplit, float(scale), float(value_exponent(plan.v)),
+            s_total, plan.nsplit, float(scale), _ve_arg(plan.v, lse_p),
             plan.counters if plan.counters is not None else plan.k.data,
             _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data))
 
@@ -2977,7 +2982,7 @@ def compile_offline(k_bits: int = 2, v_bits: int = 2, k_group: int = 32, v_group
     sig.update({n: "i32" for n in ("KB0", "KHS", "VB0", "VHS", "CNT", "COL0", "k_nrows", "v_nrows", "M", "NMAX",
                                    "COLBASE", "NEWR", "LQ", "SPLIT_OFF", "S_TOTAL", "NSPLIT")})
     sig["sm_scale"] = "fp32"
-    sig["v_e"] = "fp32"
+    sig["ve_ptr"] = "*fp32"
     sig.update(ctr_ptr="*i32", k_ell="*i32", v_ell="*i32")
     const = dict(K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group, UNIFORM=False,
                  WANT_SCORES=want_scores, STAGE_K=staged(k_bits, k_tok), DYNAMIC=dynamic, BF16=bf16, K_TOK=k_tok,

@@ -152,3 +152,49 @@ def test_gluon_path_in_the_cache(spec, monkeypatch, gluon_strict):
     assert all(any(all(a == b or a[0] in ("K_OUT", "V_OUT") for a, b in zip(n, o, strict=True)) for o in seen)
                for n in new), new
     assert sum(len(c[0]) for c in caches.values()) <= before + len(new)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon kernel and CUDA's sync check need an NVIDIA GPU")
+def test_mikv_decode_steps_do_not_sync(monkeypatch, gluon_strict):
+    """MiKV moves rows into its low-precision part at every decode step, so every step of every layer builds a new
+    3-bit part, which the Gluon kernel serves on its raw value path: the part's exponent E is computed on the device
+    (kernels/value_exponent.py; it was one host sync per new part) and the steps' cache and attention code on the
+    Triton path (MiKV's resplit, the plans, the launches) run under CUDA's sync debug mode set to raise, with the
+    reference path's logits."""
+    from kernels import gluon_attention as ga
+    from methods import formats
+    from methods.cache import CompressedLayer
+
+    monkeypatch.setattr(formats, "CHECK_KEPT", False)  # the tests' own check of stated kept counts reads them back
+    exps = []
+    of = getattr(ga, "value_exponent_of", None)
+    monkeypatch.setattr(ga, "value_exponent_of", lambda *a: (exps.append(1), of(*a))[1], raising=False)
+    compute = CompressedLayer.compute
+
+    def strict(self, *a, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return compute(self, *a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    model = tiny_llama(8, 2, layers=2, head_dim=128).to("cuda").half()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(10)).to("cuda")
+    toks = [torch.tensor([[t]], device="cuda") for t in (3, 1, 4, 1, 5, 9)]
+    pos = [torch.tensor([[300 + i]], device="cuda") for i in range(len(toks))]
+    out = {}
+    for backend in ("reference", "triton"):
+        set_backend(backend)
+        cache, logits = run_cache(model, methods.parse_spec("mikv:budget=0.5"), ids, n_decode=1,
+                                  kv_dtype=torch.float16, tokens=[2])
+        n = len(exps)
+        if backend == "triton":
+            monkeypatch.setattr(CompressedLayer, "compute", strict)
+        for t, p in zip(toks, pos, strict=True):
+            logits.append(model(t, past_key_values=cache, position_ids=p + 1, use_cache=True).logits)
+        monkeypatch.setattr(CompressedLayer, "compute", compute)
+        if backend == "triton":  # a new part with an exponent at every step of every layer
+            assert len(exps) - n >= len(toks) * len(cache.layers), exps
+        out[backend] = torch.cat([x[0, -1].float() for x in logits[1:]])
+    err = (out["triton"] - out["reference"]).norm() / out["reference"].norm()
+    assert err < 1e-2, err

@@ -566,6 +566,46 @@ def _row_outliers(part, per_row, g):
     return part
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_value_exponent_kernel_matches_host_rule(dtype):
+    """The raw value path's exponent E computed on the part's device (:mod:`kernels.value_exponent`: ``aminmax`` and a
+    one-program kernel, no host sync) equals the host rule (``frexp`` of the largest |scale| and |delta|) on hand
+    cases (powers of two at both bounds, no scale, no delta, zeros, inf, NaN, float32 subnormals, the cap of 60) and
+    on random scales of random magnitude."""
+    from kernels import value_exponent as ve
+
+    def host(s, d):
+        sm = float(s.float().abs().max()) if s.numel() else 0.0
+        return ve.exponent_host(sm, float(d.float().abs().max()) if d is not None and d.numel() else 0.0)
+
+    t = lambda *x: torch.tensor(x, dtype=dtype, device=DEV)  # noqa: E731
+    cases = [(t(1.0, -0.5), t(8.0)), (t(1e-3), t(1000.0, -3.0)), (t(0.0, 0.0), t(7.3, -5.1)), (t(0.0), None),
+             (t(3.0), None), (t(0.5), None), (t(-2.0), t(0.0)), (t(float("inf")), t(2.0)), (t(float("nan"), 1.0), None),
+             (t(), t(4.0)), (t(), None), (t(65504.0 if dtype == torch.float16 else 1e30), None)]
+    if dtype != torch.float16:
+        cases += [(t(1e-40), None), (t(2.0 ** -130), t(2.0 ** -140)), (t(1e-30), t(1e-3))]
+    g = _gen(77)
+    for i in range(20):
+        mag = 2.0 ** float(torch.randint(-20, 12, (1,), generator=g))
+        s = _randn(int(torch.randint(1, 600, (1,), generator=g)), g=g, dtype=dtype, scale=mag)
+        d = _randn(int(torch.randint(1, 40, (1,), generator=g)), g=g, dtype=dtype, scale=mag * 300) if i % 2 else None
+        cases.append((s, d))
+    for s, d in cases:
+        got = ve.exponent(s, d)
+        assert got.dtype == torch.float32 and got.shape == (1,) and got.device == s.device
+        assert float(got) == host(s.cpu(), None if d is None else d.cpu()), (s, d)
+    if dtype == torch.float16:  # the sm_90 build, in a subprocess outside the interpreter (which runs what the
+        import subprocess  # compiler refuses, such as a global that is not a constexpr)
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = ("from kernels import value_exponent as v\n"
+                "print('.entry _exponent_kernel' in v.compile_offline().asm['ptx'])")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stderr[-3000:]
+
+
 def test_outlier_slots_hand_case():
     """The fixed-slot form of a part's outliers (what the Gluon kernel reads): row i's outliers in channel order, two
     in plane 0, the third and fourth in plane 1, the fifth and sixth in plane 2 ... (only when some row has them),
