@@ -1230,6 +1230,8 @@ def _raw_exponent(spec) -> torch.Tensor:
             and cached[2] is delta):
         return cached[3]
     e = value_exponent_of(spec.scale, delta)
+    if e.is_cuda and torch.cuda.is_current_stream_capturing():  # a graph's E is computed at each replay: not cached,
+        return e  # whose tensor holds nothing until the first replay
     try:
         object.__setattr__(part, "_gluon_vexp", (spec.scale, spec.scale._version, delta, e))
     except (AttributeError, TypeError):
@@ -2776,6 +2778,14 @@ def _major_cc(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def prepare(plans, q) -> list:
+    """What the launches of ``plans`` read that is computed on the device, per plan (for :func:`launch`'s ``ve``): the
+    value part's exponent (:func:`value_exponent`) or None, all before the first launch, so a chain's later launches
+    read nothing the chain computes (:func:`launch`). Under CUDA-graph capture an exponent not yet cached is computed
+    in the graph (at each replay) and used by this call's launches only."""
+    return [value_exponent(p.v) if supports(p, q) else None for p in plans]
+
+
 def chained(plans, q) -> bool:
     """Whether the part pairs ``plans`` of one call launch as a chain (:func:`launch`'s ``chain``): several pairs, all
     served by this kernel, on a GPU with programmatic dependent launch (compute capability 9.0 or later), while a CUDA
@@ -2907,20 +2917,21 @@ def _ve_arg(spec, lse_p: torch.Tensor) -> torch.Tensor:
     return lse_p if ve is None else ve
 
 
-def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int) -> tuple:
-    """The kernel's runtime arguments for one launch of ``plan``."""
+def _launch_args(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int,
+                 ve: torch.Tensor | None = None) -> tuple:
+    """The kernel's runtime arguments for one launch of ``plan`` (``ve``: its value exponent from :func:`prepare`)."""
     M = q.shape[1]
     want = scores is not None
     return (q, out_p, lse_p, scores if want else lse_p, plan.k.data, plan.k.scale, plan.k.zero,
             plan.v.data, plan.v.scale, plan.v.zero, plan.meta if plan.meta is not None else lse_p, *plan.scalars,
             plan.k.nrows, plan.v.nrows, M, scores.shape[-1] if want else 0, plan.col_base, plan.newr, lq, split_off,
-            s_total, plan.nsplit, float(scale), _ve_arg(plan.v, lse_p),
+            s_total, plan.nsplit, float(scale), ve if ve is not None else _ve_arg(plan.v, lse_p),
             plan.counters if plan.counters is not None else plan.k.data,
             _ell_arg(plan.k, False, plan.k.data), _ell_arg(plan.v, True, plan.k.data))
 
 
 def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float, lq: int,
-           chain: int = 0) -> None:
+           chain: int = 0, *, ve: torch.Tensor | None = None) -> None:
     """One launch over all heads x splits of ``plan`` (same outputs as the Triton split kernel). ``chain``: 0 alone;
     1 the first and 2 a later launch of a chain of part pairs on one stream (:func:`chained`): every launch of a
     chain lets the next one start its programs in its own tail, a later one is launched as a programmatic dependent
@@ -2930,7 +2941,7 @@ def launch(q, plan, out_p, lse_p, scores, split_off: int, s_total: int, scale: f
     consts = _consts(plan, scores is not None, q.shape[1])
     if chain:
         consts = {**consts, "PDL": True, "launch_pdl": chain == 2}
-    args = _launch_args(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq)
+    args = _launch_args(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq, ve)
     if consts["K_OUT"] + consts["V_OUT"] > 0:  # each outlier variant's shared memory, before its first launch
         key = tuple(consts.items())
         if key not in _CHECKED:

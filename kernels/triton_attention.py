@@ -372,10 +372,10 @@ def gluon_serves(plan: PairPlan, q: torch.Tensor) -> bool:
 
 
 def _launch_split(q: torch.Tensor, plan: PairPlan, out_p, lse_p, scores, split_off: int, s_total: int, scale: float,
-                  lq: int, chain: int = 0):
+                  lq: int, chain: int = 0, ve: torch.Tensor | None = None):
     if gluon_serves(plan, q):  # packed 2/4-bit pairs (few outliers per row): dequantized in the mma operand layout
         try:
-            _gluon.launch(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq, chain)
+            _gluon.launch(q, plan, out_p, lse_p, scores, split_off, s_total, scale, lq, chain, ve=ve)
             return
         except Exception as exc:  # Gluon is experimental: a Triton release that cannot build it falls back
             _gluon.disable(exc)
@@ -428,6 +428,8 @@ def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, scores: t
     s_total = sum(p.nsplit for p in plans)
     out_p = new_empty((H, s_total, M, D), torch.float32, q.device)
     lse_p = new_empty((H, s_total, M), torch.float32, q.device)
+    # what the Gluon launches read that is computed on the device (value exponents), before the first launch
+    ves = _gluon.prepare(plans, q) if _gluon is not None else [None] * len(plans)
     chain = _gluon is not None and _gluon.chained(plans, q)  # one stream, each launch starting in the last's tail
     fork = not chain and STREAMS and q.is_cuda and len(plans) > 1 and torch.cuda.is_current_stream_capturing()
     side = _side_streams(q.device, len(plans) - 1) if fork else []
@@ -437,7 +439,8 @@ def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, scores: t
     off = 0
     for i, p in enumerate(plans):
         with torch.cuda.stream(side[i - 1]) if i and side else contextlib.nullcontext():
-            _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq, (2 if i else 1) if chain else 0)
+            _launch_split(q, p, out_p, lse_p, scores, off, s_total, scale, lq, (2 if i else 1) if chain else 0,
+                          ves[i])
         off += p.nsplit
     for st in side:  # the merge (and whoever frees out_p / lse_p) comes after every launch
         main.wait_stream(st)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import fast_launch
+
 E_MAX = 60  # p 2^E and l stay finite in float32
 _E_MAX = tl.constexpr(E_MAX)  # (a kernel reads only constexpr globals)
 
@@ -102,6 +104,7 @@ def exponent(scale: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
     out = torch.empty(1, dtype=torch.float32, device=scale.device)
     delta = delta.to(scale.device) if has_d else None
     s, d = _minmax(scale if has_s else None, out), _minmax(delta, out)
-    _exponent_kernel[(1,)](*s, *d, out, HAS_S=has_s, HAS_D=has_d, S_BF16=scale.dtype == torch.bfloat16,
-                           D_BF16=has_d and delta.dtype == torch.bfloat16)
+    fast_launch.launch(_exponent_kernel, (1,), (*s, *d, out),
+                       dict(HAS_S=has_s, HAS_D=has_d, S_BF16=scale.dtype == torch.bfloat16,
+                            D_BF16=has_d and delta.dtype == torch.bfloat16))
     return out

@@ -585,15 +585,21 @@ def test_value_exponent_kernel_matches_host_rule(dtype):
     if dtype != torch.float16:
         cases += [(t(1e-40), None), (t(2.0 ** -130), t(2.0 ** -140)), (t(1e-30), t(1e-3))]
     g = _gen(77)
-    for i in range(20):
-        mag = 2.0 ** float(torch.randint(-20, 12, (1,), generator=g))
+    for i in range(24):  # deltas 2^8 .. 2^24 above the scales: below 2^16 or so the scales decide E, above the deltas
+        mag = 2.0 ** float(torch.randint(-20, 0, (1,), generator=g))
         s = _randn(int(torch.randint(1, 600, (1,), generator=g)), g=g, dtype=dtype, scale=mag)
-        d = _randn(int(torch.randint(1, 40, (1,), generator=g)), g=g, dtype=dtype, scale=mag * 300) if i % 2 else None
+        up = 2.0 ** float(torch.randint(8, 25, (1,), generator=g))
+        n_d = int(torch.randint(1, 40, (1,), generator=g))
+        d = _randn(n_d, g=g, dtype=torch.float32, scale=mag * up) if i % 3 else None
         cases.append((s, d))
+    by_delta = 0
     for s, d in cases:
         got = ve.exponent(s, d)
         assert got.dtype == torch.float32 and got.shape == (1,) and got.device == s.device
-        assert float(got) == host(s.cpu(), None if d is None else d.cpu()), (s, d)
+        want = host(s.cpu(), None if d is None else d.cpu())
+        assert float(got) == want, (s, d)
+        by_delta += d is not None and want != host(s.cpu(), None) and s.numel() > 0 and bool(s.abs().max() > 0)
+    assert by_delta >= 3  # the deltas' bound decided some of the random cases
     if dtype == torch.float16:  # the sm_90 build, in a subprocess outside the interpreter (which runs what the
         import subprocess  # compiler refuses, such as a global that is not a constexpr)
         import sys
@@ -1963,6 +1969,43 @@ def test_gluon_argument_lists_match_the_kernel():
     runtime = [n for n in names if n not in const]
     assert len(gl_mod._warmup_args(plan)) == len(runtime)
     assert len(gl_mod._launch_args(q, plan, t, t, None, 0, 2, 1.0, 1)) == len(runtime)
+
+
+def test_value_exponents_are_computed_before_the_first_launch(monkeypatch):
+    """Every Gluon launch of a call gets its value part's exponent (a device scalar, :mod:`kernels.value_exponent`)
+    from :func:`~kernels.gluon_attention.prepare`, which computes them all before the first launch: a chain's later
+    launches must read nothing that the chain computes, and a captured call computes them ahead of its launches. Pairs
+    without the raw value path get None (the launch passes the lse buffer). The launches are recorded, not run (CPU)."""
+    ga = pytest.importorskip("kernels.gluon_attention", reason="this Triton has no Gluon")
+    from kernels import triton_attention as ta
+
+    events = []
+    of = ga.value_exponent_of
+    monkeypatch.setattr(ga, "value_exponent_of", lambda *a: (events.append("E"), of(*a))[1])
+    monkeypatch.setattr(ga, "supports", lambda plan, q: True)
+    monkeypatch.setattr(ga, "launch", lambda *a, ve=None, **k: events.append(("launch", a[1], ve)))
+    monkeypatch.setattr(ta, "merge_splits", lambda o, lse, *a: (o, lse))
+    g = _gen(32)
+    counts, d = (64, 40), 128
+    plans = []
+    for vbits, vg in ((2, 128), (2, 32), (4, 128)):  # raw values, pairs (groups of 32), raw values
+        k_part = _make("T", counts, d, 2, 128, torch.float16, g, 0)
+        v_part = _make("T", counts, d, vbits, vg, torch.float16, g, 0)
+        plans.append(dispatch.make_plan(k_part, v_part, [0, 0], list(counts), DEV))
+    q = _randn(2, 4, d, g=g, dtype=torch.float16)
+    ta.attend_pairs(q, plans, d ** -0.5)
+    launches = [e for e in events if e != "E"]
+    assert events[:2] == ["E", "E"] and len(launches) == 3 and events[2:] == launches
+    assert [e[1] for e in launches] == plans
+    for (_, p, ve), raw in zip(launches, (True, False, True), strict=True):
+        if raw:
+            want = 15 - math.frexp(float(p.v.scale.float().abs().max()))[1]
+            assert ve is ga.value_exponent(p.v) and float(ve) == want  # the cached tensor, the part's E
+        else:
+            assert ve is None and ga.value_exponent(p.v) is None
+    events.clear()
+    ta.attend_pairs(q, plans, d ** -0.5)  # cached on the parts: no exponent computed again
+    assert "E" not in events and len(events) == 3
 
 
 def test_gluon_failure_falls_back_to_triton(monkeypatch):
