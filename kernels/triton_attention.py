@@ -429,7 +429,12 @@ def attend_pairs(q: torch.Tensor, plans: list[PairPlan], scale: float, scores: t
     out_p = new_empty((H, s_total, M, D), torch.float32, q.device)
     lse_p = new_empty((H, s_total, M), torch.float32, q.device)
     # what the Gluon launches read that is computed on the device (value exponents), before the first launch
-    ves = _gluon.prepare(plans, q) if _gluon is not None else [None] * len(plans)
+    ves = [None] * len(plans)
+    if _gluon is not None:
+        try:
+            ves = _gluon.prepare(plans, q)
+        except Exception as exc:  # as for a launch: the Triton kernel serves the pairs from now on
+            _gluon.disable(exc)
     chain = _gluon is not None and _gluon.chained(plans, q)  # one stream, each launch starting in the last's tail
     fork = not chain and STREAMS and q.is_cuda and len(plans) > 1 and torch.cuda.is_current_stream_capturing()
     side = _side_streams(q.device, len(plans) - 1) if fork else []
