@@ -2008,9 +2008,14 @@ def test_value_exponents_are_computed_before_the_first_launch(monkeypatch):
     assert "E" not in events and len(events) == 3
 
 
-def test_gluon_failure_falls_back_to_triton(monkeypatch):
-    """A Triton release that cannot build the Gluon kernel: the first launch warns, switches it off for the process
-    and the Triton kernel answers (correctly) instead."""
+@pytest.mark.parametrize("what,msg,kfmt,group,seed", [
+    ("launch", "no such layout", "C", 32, 31),  # the launch (KIVI's pair)
+    ("value_exponent_of", "no exponent kernel", "T", 128, 33),  # its preparation (raw values: an exponent)
+])
+def test_gluon_failure_falls_back_to_triton(what, msg, kfmt, group, seed, monkeypatch):
+    """A Triton release that cannot build the Gluon kernel, at the launch or at what is computed before the launches
+    (:func:`~kernels.gluon_attention.prepare`, the value exponents): the first call warns, switches it off for the
+    process and the Triton kernel answers (correctly) instead."""
     ga = pytest.importorskip("kernels.gluon_attention", reason="this Triton has no Gluon")
     from kernels import triton_attention as ta
 
@@ -2018,41 +2023,16 @@ def test_gluon_failure_falls_back_to_triton(monkeypatch):
     monkeypatch.setattr(ga, "supports", lambda plan, q: ga.ENABLED)
 
     def boom(*a, **k):
-        raise RuntimeError("no such layout")
+        raise RuntimeError(msg)
 
-    monkeypatch.setattr(ga, "launch", boom)
-    g = _gen(31)
+    monkeypatch.setattr(ga, what, boom)
+    g = _gen(seed)
     counts, d = (64, 96), 128
-    k_part = _make("C", counts, d, 2, 32, torch.float16, g, 0)
-    v_part = _make("T", counts, d, 2, 32, torch.float16, g, 0)
+    k_part = _make(kfmt, counts, d, 2, group, torch.float16, g, 0)
+    v_part = _make("T", counts, d, 2, group, torch.float16, g, 0)
     q = _randn(2, 4, d, g=g, dtype=torch.float16)
     o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [3, 0], [60, 96])
     plan = dispatch.make_plan(k_part, v_part, [3, 0], [60, 96], DEV)
-    with pytest.warns(UserWarning, match="Gluon decode kernel disabled.*no such layout"):
-        out, _ = ta.attend_pairs(q, [plan], d ** -0.5)
-    assert not ga.ENABLED and relerr(out, o64) < TOL[torch.float16]
-
-
-def test_gluon_prepare_failure_falls_back_to_triton(monkeypatch):
-    """The same when what the launches need is computed beforehand (:func:`~kernels.gluon_attention.prepare`, the
-    value exponents) and that fails: a warning, the Gluon kernel off, the Triton kernel's answer."""
-    ga = pytest.importorskip("kernels.gluon_attention", reason="this Triton has no Gluon")
-    from kernels import triton_attention as ta
-
-    monkeypatch.setattr(ga, "ENABLED", True)
-    monkeypatch.setattr(ga, "supports", lambda plan, q: ga.ENABLED)
-
-    def boom(*a, **k):
-        raise RuntimeError("no exponent kernel")
-
-    monkeypatch.setattr(ga, "value_exponent_of", boom)
-    g = _gen(33)
-    counts, d = (64, 96), 128
-    k_part = _make("T", counts, d, 2, 128, torch.float16, g, 0)
-    v_part = _make("T", counts, d, 2, 128, torch.float16, g, 0)  # raw values: an exponent to compute
-    q = _randn(2, 4, d, g=g, dtype=torch.float16)
-    o64, _, _ = _ref64(q, k_part, v_part, d ** -0.5, [3, 0], [60, 96])
-    plan = dispatch.make_plan(k_part, v_part, [3, 0], [60, 96], DEV)
-    with pytest.warns(UserWarning, match="Gluon decode kernel disabled.*no exponent kernel"):
+    with pytest.warns(UserWarning, match=f"Gluon decode kernel disabled.*{msg}"):
         out, _ = ta.attend_pairs(q, [plan], d ** -0.5)
     assert not ga.ENABLED and relerr(out, o64) < TOL[torch.float16]
